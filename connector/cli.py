@@ -1,0 +1,250 @@
+"""The `mlflow-datahub` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from confluent_kafka import KafkaException
+
+from connector import __version__
+from connector.config import ConfigError, ConnectorConfig, load
+
+log = logging.getLogger("mlflow-datahub")
+
+
+class Failure(Exception):
+    """An expected failure: printed as one line, exit code 1, no traceback."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "httpx", "mlflow", "datahub", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _startup(cfg_path: str, mlflow_retry_seconds: float = 10.0) -> tuple[ConnectorConfig, dict[str, int]]:
+    """Load the configuration and check that Kafka answers; topics are created if missing."""
+    from connector.topics import ensure_topics
+
+    cfg = load(cfg_path)
+    cfg.mlflow.resolved_tracking_uri()
+    cfg.kafka.resolved_schema_registry()
+    return cfg, ensure_topics(cfg)
+
+
+def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds: float = 10.0):  # noqa: ANN202
+    from connector.mlflow_reader import MlflowReader, MlflowUnavailable
+
+    reader = MlflowReader(cfg.reader_settings(retry_for_seconds=check_seconds))
+    try:
+        reader.check()
+    except MlflowUnavailable as e:
+        raise Failure(f"source.config.tracking_uri: {e}") from None
+    except Exception as e:  # a URI MLflow cannot use at all
+        raise Failure(f"source.config.tracking_uri: MLflow at {reader.settings.tracking_uri} cannot be read: "
+                      f"{str(e).splitlines()[0][:200]}") from None
+    reader.settings = cfg.reader_settings(retry_for_seconds=retry_for_seconds)
+    return reader
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from connector import stack
+
+    if args.action == "up":
+        endpoints = stack.up(progress=lambda line: print(line, file=sys.stderr))
+        print("\n".join(endpoints.as_env_lines()))
+    elif args.action == "down":
+        stopped = stack.down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    else:
+        for s in stack.status():
+            state = f"running (pid {s.pid})" if s.running else "stopped"
+            print(f"{s.name:16} {state:20} {s.address:32} log: {s.log_file}")
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from connector.producer import ChangeProducer
+
+    cfg, _ = _startup(args.config)
+    producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
+    producer.run(_stop_on_signals())
+    producer.close()
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from connector.consumer import ChangeConsumer
+
+    cfg, _ = _startup(args.config)
+    ChangeConsumer(cfg, args.instance_id).run(_stop_on_signals())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from connector.consumer import ChangeConsumer
+    from connector.producer import ChangeProducer
+
+    cfg, _ = _startup(args.config)
+    stop = _stop_on_signals()
+    producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
+    consumer = ChangeConsumer(cfg, args.instance_id)
+    errors: list[BaseException] = []
+
+    def guarded(fn: Callable[[threading.Event], object]) -> Callable[[], None]:
+        def body() -> None:
+            try:
+                fn(stop)
+            except BaseException as e:  # surfaced below, after the other side stopped
+                errors.append(e)
+                stop.set()
+        return body
+
+    threads = [threading.Thread(target=guarded(producer.run), name="producer"),
+               threading.Thread(target=guarded(consumer.run), name="consumer")]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.5)
+    producer.close()
+    if errors:
+        raise errors[0]
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from connector.consumer import ChangeConsumer
+    from connector.producer import ChangeProducer
+
+    started = time.monotonic()
+    cfg, _ = _startup(args.config)
+    stop = _stop_on_signals()
+    producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=args.mlflow_retry_seconds))
+    consumer = ChangeConsumer(cfg, args.instance_id)
+    summary = producer.snapshot(stop)
+    producer.close()
+    targets = summary.end_offsets
+    consumer.run(stop, done=lambda c: all(c.positions.get(p, 0) > o for p, o in targets.items()))
+    if stop.is_set():
+        raise Failure("snapshot interrupted")
+    stats = consumer.stats
+    print(f"snapshot {summary.snapshot_id}: {'complete' if summary.complete else 'INCOMPLETE'}")
+    print(f"  entities: {sum(summary.entities.values())} "
+          f"({', '.join(f'{n} {k.lower()}' for k, n in summary.entities.items())})")
+    print(f"  events: {summary.events} (deletes: {summary.deletes})")
+    print(f"  MCPs acknowledged on {cfg.kafka.topics.mcp}: {sum(stats.mcps.values())} "
+          f"(unchanged aspects skipped: {stats.unchanged}, soft deletes: {stats.soft_deletes})")
+    for aspect, count in sorted(stats.mcps.items()):
+        print(f"    {aspect:32} {count}")
+    print(f"  seconds: {time.monotonic() - started:.1f}")
+    if not summary.complete:
+        raise Failure(f"snapshot incomplete: {summary.reason}")
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from connector.dump import dump
+
+    cfg, _ = _startup(args.config)
+    count = dump(cfg, Path(args.out))
+    print(f"{count} MCPs from {cfg.kafka.topics.mcp} written to {args.out}")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from connector.demo import populate
+
+    cfg = load(args.config)
+    populate(cfg.mlflow.resolved_tracking_uri())
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlflow-datahub", description="Keep DataHub's catalog in step with MLflow "
+                                "through Kafka.")
+    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], text: str,
+                config: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=text, description=text)
+        c.set_defaults(fn=fn)
+        if config:
+            c.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML configuration (recipe)")
+        return c
+
+    s = command("stack", cmd_stack, "Install and run a local Kafka, schema registry and MLflow server.", False)
+    s.add_argument("action", choices=["up", "down", "status"],
+                   help="up: start what is not running and print its addresses as KEY=VALUE lines; "
+                        "down: stop what `up` started; status: what runs where")
+    for name, fn, text in (
+        ("run", cmd_run, "Producer and consumer together, until stopped."),
+        ("produce", cmd_produce, "Publish MLflow changes to the change topic, until stopped."),
+        ("consume", cmd_consume, "Turn change events into MCPs on DataHub's MCP topic, until stopped."),
+    ):
+        c = command(name, fn, text)
+        if name != "produce":
+            c.add_argument("--instance-id", help="this consumer's name in its group (default: host name); "
+                                                 "each running instance needs its own")
+    snap = command("snapshot", cmd_snapshot, "One complete pass: exits once every MCP of it is acknowledged.")
+    snap.add_argument("--instance-id", help="consumer instance name (default: host name)")
+    snap.add_argument("--mlflow-retry-seconds", type=float, default=60.0,
+                      help="how long to retry while MLflow does not answer (default 60)")
+    d = command("dump", cmd_dump, "Write the MCP topic's contents as a DataHub file-sink JSON file.")
+    d.add_argument("--out", required=True, metavar="FILE.json")
+    command("demo-data", cmd_demo_data, "Create the demo experiments, runs and models in MLflow.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"mlflow-datahub: configuration error: {e}", file=sys.stderr)
+    except Failure as e:
+        print(f"mlflow-datahub: {e}", file=sys.stderr)
+    except KafkaException as e:
+        print(f"mlflow-datahub: Kafka error: {e.args[0].str() if e.args else e}", file=sys.stderr)
+    except Exception as e:
+        if type(e).__name__ == "StackError":
+            print(f"mlflow-datahub: {e}", file=sys.stderr)
+        else:
+            raise
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Configuration: the original recipe's `source` block, field for field, plus a `kafka` section.
+
+```yaml
+source:
+  type: mlflow
+  config: {tracking_uri, registry_uri, model_name_separator, base_external_url, env,
+           stateful_ingestion: {enabled, remove_stale_metadata, fail_safe_threshold}, ...}
+kafka: {bootstrap_servers, schema_registry_url, topics: {...}, ...}
+```
+Unknown fields and wrong types stop start-up with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from connector.mapping import MappingSettings
+from connector.mlflow_reader import ReaderSettings
+
+
+class ConfigError(Exception):
+    """A configuration that cannot start the connector; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StatefulIngestion(_Strict):
+    enabled: bool = False
+    remove_stale_metadata: bool = True
+    fail_safe_threshold: float = Field(default=75.0, ge=0, le=100)
+
+
+class MLflowSourceConfig(_Strict):
+    """The original `MLflowConfig`, field for field."""
+
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    model_name_separator: str = "_"
+    base_external_url: str | None = None
+    env: str = "PROD"
+    materialize_dataset_inputs: bool = False
+    source_mapping_to_platform: dict[str, str] | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    stateful_ingestion: StatefulIngestion | None = None
+
+    @model_validator(mode="after")
+    def _credentials_together(self) -> MLflowSourceConfig:
+        if bool(self.username) != bool(self.password):
+            raise ValueError("username and password must be set together")
+        return self
+
+    def resolved_tracking_uri(self) -> str:
+        """MLflow's own fallback: MLFLOW_TRACKING_URI, else the local `mlruns` directory."""
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise ConfigError("source.config.tracking_uri: not set, and MLFLOW_TRACKING_URI is not set either")
+        return uri
+
+    def resolved_registry_uri(self) -> str:
+        return self.registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or self.resolved_tracking_uri()
+
+
+class Source(_Strict):
+    type: Literal["mlflow"]
+    config: MLflowSourceConfig = MLflowSourceConfig()
+
+
+class Topics(_Strict):
+    changes: str = "mlflow.changes"
+    state: str = "mlflow.state"
+    producer_offsets: str = "mlflow.producer-offsets"
+    dead_letter: str = "mlflow.changes.dlq"
+    mcp: str = "MetadataChangeProposal_v1"
+
+
+class KafkaConfig(_Strict):
+    bootstrap_servers: str | None = None
+    schema_registry_url: str | None = None
+    schema_registry_config: dict[str, Any] = {}
+    topics: Topics = Topics()
+    partitions: int = Field(default=3, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    consumer_group: str = "mlflow-datahub"
+    transactional_id_prefix: str = "mlflow-datahub"
+    producer_config: dict[str, Any] = {}
+    consumer_config: dict[str, Any] = {}
+
+    def resolved_bootstrap(self) -> str:
+        servers = self.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not servers:
+            raise ConfigError("kafka.bootstrap_servers: not set, and KAFKA_BOOTSTRAP_SERVERS is not set either")
+        return servers
+
+    def resolved_schema_registry(self) -> str:
+        url = self.schema_registry_url or os.environ.get("SCHEMA_REGISTRY_URL")
+        if not url:
+            raise ConfigError("kafka.schema_registry_url: not set, and SCHEMA_REGISTRY_URL is not set either")
+        return url
+
+
+class ProducerSettings(_Strict):
+    poll_interval_seconds: float = Field(default=5.0, gt=0)
+    reconcile_interval_seconds: float = Field(default=3600.0, gt=0)
+    page_size: int = Field(default=1000, ge=1, le=50000)
+    model_version_page_size: int = Field(default=10000, ge=1, le=200000)
+    max_requests_per_second: float | None = Field(default=None, gt=0)
+    transaction_size: int = Field(default=500, ge=1)
+
+
+class ConsumerSettings(_Strict):
+    batch_size: int = Field(default=500, ge=1)
+    max_message_bytes: int = Field(default=1_000_000, ge=10_000)
+
+
+class SinkConfig(BaseModel):
+    """The recipe's `sink` block is accepted so a recipe can be reused; a `datahub-kafka` sink's
+    connection and MCP topic are taken as defaults for the `kafka` section."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str
+    config: dict[str, Any] = {}
+
+
+class ConnectorConfig(_Strict):
+    source: Source
+    sink: SinkConfig | None = None
+    pipeline_name: str | None = None
+    kafka: KafkaConfig = KafkaConfig()
+    producer: ProducerSettings = ProducerSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sink_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("sink"), dict):
+            return data
+        sink = data["sink"]
+        if sink.get("type") != "datahub-kafka":
+            return data
+        connection = (sink.get("config") or {}).get("connection") or {}
+        kafka = dict(data.get("kafka") or {})
+        kafka.setdefault("bootstrap_servers", connection.get("bootstrap"))
+        kafka.setdefault("schema_registry_url", connection.get("schema_registry_url"))
+        mcp_topic = ((sink.get("config") or {}).get("topic_routes") or {}).get("MetadataChangeProposal")
+        if mcp_topic:
+            kafka["topics"] = {**(kafka.get("topics") or {}), "mcp": mcp_topic}
+        return {**data, "kafka": {k: v for k, v in kafka.items() if v is not None}}
+
+    @property
+    def mlflow(self) -> MLflowSourceConfig:
+        return self.source.config
+
+    @property
+    def stateful(self) -> StatefulIngestion:
+        return self.mlflow.stateful_ingestion or StatefulIngestion()
+
+    def mapping_settings(self) -> MappingSettings:
+        c = self.mlflow
+        return MappingSettings(
+            env=c.env,
+            model_name_separator=c.model_name_separator,
+            base_external_url=c.base_external_url,
+            materialize_dataset_inputs=c.materialize_dataset_inputs,
+            source_mapping_to_platform={k.lower(): v for k, v in (c.source_mapping_to_platform or {}).items()},
+            run_id=self.pipeline_name or "mlflow-datahub",
+        )
+
+    def reader_settings(self, retry_for_seconds: float | None = None) -> ReaderSettings:
+        c = self.mlflow
+        if c.username and c.password:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = c.username
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = c.password.get_secret_value()
+        return ReaderSettings(
+            tracking_uri=c.resolved_tracking_uri(),
+            registry_uri=c.resolved_registry_uri(),
+            page_size=self.producer.page_size,
+            model_version_page_size=self.producer.model_version_page_size,
+            max_requests_per_second=self.producer.max_requests_per_second,
+            retry_for_seconds=retry_for_seconds,
+        )
+
+
+def _location(error: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+
+
+def describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        where = _location(e) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown field")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required field is missing")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def parse(data: Any, origin: str = "configuration") -> ConnectorConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping with `source:` and `kafka:` sections")
+    try:
+        return ConnectorConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: {describe(e)}") from None
+
+
+def load(path: str | Path) -> ConnectorConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse(data, str(path))

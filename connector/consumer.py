@@ -1,0 +1,258 @@
+"""Consumer: change events -> MCPs on DataHub's MCP topic, exactly once.
+
+Reads the change topic with `isolation.level=read_committed`; for each batch it writes the MCPs,
+the state changes and the consumed offsets in one Kafka transaction. A malformed record goes to
+the dead-letter topic (in the same transaction) with the error in its headers. If writing fails
+(broker or schema registry unreachable), the transaction is aborted, the in-memory state is rolled
+back, and the same batch is retried with backoff: nothing is acknowledged that was not written.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from datahub.emitter.mcp import MetadataChangeProposalWrapper
+
+from connector import codec, state_store
+from connector.config import ConnectorConfig
+from connector.events import ChangeEvent, SnapshotMarker
+from connector.mapping import to_mcps
+from connector.mcp_topic import McpSerializer
+from connector.oversize import fit_to_size
+from connector.state import Decider, Entry, Outcome, PartitionState, Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConsumerStats:
+    events: int = 0
+    mcps: Counter[str] = field(default_factory=Counter)
+    unchanged: int = 0
+    dead_letters: int = 0
+    soft_deletes: int = 0
+
+
+class _Undo:
+    """Previous values of the state entries a batch changed, to roll back on abort."""
+
+    def __init__(self) -> None:
+        self.saved: dict[tuple[int, str], Entry | None] = {}
+        self.snapshots: dict[int, str | None] = {}
+
+    def remember(self, partition: int, state: PartitionState, changes: dict[str, Entry | None]) -> None:
+        self.snapshots.setdefault(partition, state.open_snapshot)
+        for urn in changes:
+            self.saved.setdefault((partition, urn), state.entries.get(urn))
+
+    def rollback(self, states: dict[int, PartitionState]) -> None:
+        for (partition, urn), entry in self.saved.items():
+            if partition not in states:
+                continue
+            if entry is None:
+                states[partition].entries.pop(urn, None)
+            else:
+                states[partition].entries[urn] = entry
+        for partition, snapshot in self.snapshots.items():
+            if partition in states:
+                states[partition].open_snapshot = snapshot
+
+
+def consumer_config(cfg: ConnectorConfig, group: str | None = None) -> dict[str, object]:
+    return {
+        "bootstrap.servers": cfg.kafka.resolved_bootstrap(),
+        "group.id": group or cfg.kafka.consumer_group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "max.poll.interval.ms": 600000,
+        **cfg.kafka.consumer_config,
+    }
+
+
+class ChangeConsumer:
+    def __init__(self, cfg: ConnectorConfig, instance_id: str | None = None) -> None:
+        self.cfg = cfg
+        k = cfg.kafka
+        self.topics = k.topics
+        self.bootstrap = k.resolved_bootstrap()
+        self.settings = cfg.mapping_settings()
+        stateful = cfg.stateful
+        self.policy = Policy(stateful.enabled, stateful.remove_stale_metadata, stateful.fail_safe_threshold)
+        self.serializer = McpSerializer(k.resolved_schema_registry(), k.schema_registry_config, k.topics.mcp)
+        self.max_message_bytes = cfg.consumer.max_message_bytes
+        self.states: dict[int, PartitionState] = {}
+        self.positions: dict[int, int] = {}
+        self.stats = ConsumerStats()
+        self.instance_id = instance_id or socket.gethostname()
+        self.consumer = Consumer({**consumer_config(cfg)})
+        self.producer = Producer({
+            "bootstrap.servers": self.bootstrap,
+            "transactional.id": f"{k.transactional_id_prefix}-consumer-{self.instance_id}",
+            "transaction.timeout.ms": 30000,
+            "linger.ms": 20,
+            **k.producer_config,
+        })
+        self.producer.init_transactions(60)
+
+    # -- partition assignment --------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [p.partition for p in partitions]
+        self.states.update(state_store.restore(self.bootstrap, self.topics.state, numbers,
+                                               {k: v for k, v in self.cfg.kafka.consumer_config.items()
+                                                if k.startswith(("security.", "sasl.", "ssl."))}))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self.states.pop(p.partition, None)
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, done: Callable[[ChangeConsumer], bool] | None = None,
+            progress_seconds: float = 10.0) -> ConsumerStats:
+        self.consumer.subscribe([self.topics.changes], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+        log.info("consumer %s reading %s into %s", self.instance_id, self.topics.changes, self.topics.mcp)
+        last_report = time.monotonic()
+        reported = 0
+        try:
+            while not stop.is_set():
+                if done is not None and done(self):
+                    break
+                messages = self.consumer.consume(self.cfg.consumer.batch_size, timeout=0.5)
+                batch = [m for m in messages if not self._skip_error(m)]
+                if batch:
+                    self._process_batch(batch, stop)
+                if time.monotonic() - last_report >= progress_seconds and self.stats.events != reported:
+                    log.info("consumer: %d events, %d MCPs written, %d unchanged aspects skipped",
+                             self.stats.events, sum(self.stats.mcps.values()), self.stats.unchanged)
+                    last_report, reported = time.monotonic(), self.stats.events
+        finally:
+            self.consumer.close()
+        return self.stats
+
+    def _skip_error(self, msg: Message) -> bool:
+        error = msg.error()
+        if error is None:
+            return False
+        if error.code() == KafkaError._PARTITION_EOF:
+            return True
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("consumer: %s", error.str())
+        return True
+
+    def _process_batch(self, batch: list[Message], stop: threading.Event) -> None:
+        delay = 1.0
+        while True:
+            undo = _Undo()
+            stats = ConsumerStats()
+            try:
+                self.producer.begin_transaction()
+                for msg in batch:
+                    self._process(msg, undo, stats)
+                offsets: dict[int, int] = {}
+                for msg in batch:
+                    offsets[msg.partition()] = max(offsets.get(msg.partition(), 0), msg.offset() + 1)
+                self.producer.send_offsets_to_transaction(
+                    [TopicPartition(self.topics.changes, p, o) for p, o in offsets.items()],
+                    self.consumer.consumer_group_metadata(), 60)
+                self.producer.commit_transaction(60)
+            except Exception as e:
+                undo.rollback(self.states)
+                self._abort(e)
+                if stop.is_set():
+                    raise
+                log.warning("consumer: batch of %d events not written (%s); retrying in %.0f s",
+                            len(batch), _short(e), delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.positions.update(offsets)
+            self.stats.events += stats.events
+            self.stats.mcps.update(stats.mcps)
+            self.stats.unchanged += stats.unchanged
+            self.stats.dead_letters += stats.dead_letters
+            self.stats.soft_deletes += stats.soft_deletes
+            return
+
+    def _abort(self, error: Exception) -> None:
+        if isinstance(error, KafkaException) and error.args and error.args[0].fatal():
+            raise error
+        try:
+            self.producer.abort_transaction(60)
+        except KafkaException as e:
+            if e.args and e.args[0].fatal():
+                raise
+            log.debug("abort_transaction: %s", e)
+
+    # -- one record ------------------------------------------------------------------------------
+
+    def _process(self, msg: Message, undo: _Undo, stats: ConsumerStats) -> None:
+        partition = msg.partition()
+        state = self.states.setdefault(partition, PartitionState())
+        try:
+            event = codec.decode(msg.value())
+            outcome = self._decide(event, state)
+        except (codec.DecodeError, ValueError, KeyError, TypeError) as e:
+            self._dead_letter(msg, e)
+            stats.dead_letters += 1
+            return
+        stats.events += 1
+        stats.unchanged += outcome.skipped
+        for note in outcome.notes:
+            log.info("%s", note)
+        for mcp in outcome.mcps:
+            self._write_mcp(mcp, stats)
+        undo.remember(partition, state, outcome.state)
+        state_store.write(self.producer, self.topics.state, partition, outcome.state)
+        state.apply(outcome.state)
+
+    def _decide(self, event: ChangeEvent, state: PartitionState) -> Outcome:
+        decider = Decider(state, self.policy)
+        if event["kind"] == "SNAPSHOT":
+            marker: SnapshotMarker = event["after"]  # type: ignore[assignment]
+            if event["op"] == "SNAPSHOT_BEGIN":
+                return decider.snapshot_begin(marker["snapshot_id"])
+            return decider.snapshot_end(marker["snapshot_id"], marker["complete"])
+        if event["op"] == "DELETE":
+            return decider.deleted(event)
+        transformed = to_mcps(event, self.settings)
+        for warning in transformed.warnings:
+            log.warning("%s", warning)
+        assert transformed.entity is not None
+        return decider.entity(event, transformed.entity)
+
+    def _write_mcp(self, mcp: MetadataChangeProposalWrapper, stats: ConsumerStats) -> None:
+        value = self.serializer.value(mcp)
+        if len(value) > self.max_message_bytes:
+            mcp, value, note = fit_to_size(mcp, self.serializer.value, self.max_message_bytes)
+            log.warning("%s", note)
+        self.producer.produce(self.topics.mcp, key=self.serializer.key(mcp), value=value)
+        stats.mcps[str(mcp.aspectName)] += 1
+        if mcp.aspectName == "status" and getattr(mcp.aspect, "removed", False):
+            stats.soft_deletes += 1
+        self.producer.poll(0)
+
+    def _dead_letter(self, msg: Message, error: Exception) -> None:
+        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        log.warning("malformed change event at %s (%s): sent to %s", where, _short(error), self.topics.dead_letter)
+        self.producer.produce(
+            self.topics.dead_letter, key=msg.key(), value=msg.value(),
+            headers=[("error", _short(error).encode()), ("error.type", type(error).__name__.encode()),
+                     ("source.topic", msg.topic().encode()), ("source.partition", str(msg.partition()).encode()),
+                     ("source.offset", str(msg.offset()).encode())],
+        )
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]

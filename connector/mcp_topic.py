@@ -1,0 +1,52 @@
+"""DataHub's MCP topic: proposals serialised exactly as DataHub's `DatahubKafkaEmitter` does.
+
+Key: the entity URN as UTF-8. Value: Confluent wire format of DataHub's
+`MetadataChangeProposal` Avro schema (subject `<topic>-value`), produced by confluent-kafka's
+`AvroSerializer` from `mcp.to_obj(tuples=True)`, the emitter's own conversion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+from datahub.emitter.mcp import MetadataChangeProposalWrapper
+from datahub.metadata.schema_classes import MetadataChangeProposalClass
+from datahub.metadata.schemas import getMetadataChangeProposalSchema
+
+
+def _to_dict(mcp: MetadataChangeProposalWrapper | MetadataChangeProposalClass, ctx: Any) -> dict:
+    return mcp.to_obj(tuples=True)
+
+
+class McpSerializer:
+    def __init__(self, registry_url: str, registry_config: dict[str, Any], topic: str) -> None:
+        self.topic = topic
+        client = SchemaRegistryClient({"url": registry_url, **registry_config})
+        self._avro = AvroSerializer(
+            schema_str=getMetadataChangeProposalSchema(), schema_registry_client=client, to_dict=_to_dict
+        )
+        self._ctx = SerializationContext(topic, MessageField.VALUE)
+
+    @staticmethod
+    def key(mcp: MetadataChangeProposalWrapper) -> bytes:
+        return str(mcp.entityUrn).encode("utf-8")
+
+    def value(self, mcp: MetadataChangeProposalWrapper | MetadataChangeProposalClass) -> bytes:
+        data = self._avro(mcp, self._ctx)
+        assert data is not None
+        return data
+
+
+class McpDeserializer:
+    """Reads the MCP topic back into `MetadataChangeProposalClass` objects."""
+
+    def __init__(self, registry_url: str, registry_config: dict[str, Any], topic: str) -> None:
+        client = SchemaRegistryClient({"url": registry_url, **registry_config})
+        self._avro = AvroDeserializer(client, schema_str=getMetadataChangeProposalSchema())
+        self._ctx = SerializationContext(topic, MessageField.VALUE)
+
+    def __call__(self, value: bytes) -> MetadataChangeProposalClass:
+        return MetadataChangeProposalClass.from_obj(self._avro(value, self._ctx), tuples=True)

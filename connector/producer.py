@@ -1,0 +1,310 @@
+"""Producer: MLflow -> change events on the change topic, exactly once.
+
+Events and the producer's own position (snapshot sequence, last complete snapshot, watermarks)
+are written in Kafka transactions, so a crash never leaves a position ahead of its events.
+On start-up the producer rebuilds what it has already published from the change topic itself
+(the latest event of each key) so that an unchanged entity is never published again, except
+by a complete snapshot, which re-reads everything (Debezium's READ events) between a
+SNAPSHOT_BEGIN and a SNAPSHOT_END marker written to every partition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from connector import codec
+from connector.changes import entity_changed, entity_deleted, fingerprint, snapshot_marker, source_block
+from connector.config import ConnectorConfig
+from connector.events import ChangeEvent, Entity, EntityKind, kind_of_key
+from connector.listing import full_listing
+from connector.mlflow_reader import MlflowReader, MlflowUnavailable
+from connector.topics import admin, partition_count
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Position:
+    """The producer's position, stored in the producer-offsets topic."""
+
+    snapshot_seq: int = 0
+    last_snapshot_ms: int | None = None
+    watermarks: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(data: bytes) -> Position:
+        d = json.loads(data)
+        return Position(d.get("snapshot_seq", 0), d.get("last_snapshot_ms"), dict(d.get("watermarks") or {}))
+
+
+@dataclass
+class SnapshotSummary:
+    snapshot_id: str
+    complete: bool
+    entities: dict[str, int] = field(default_factory=dict)
+    events: int = 0
+    deletes: int = 0
+    end_offsets: dict[int, int] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def read_to_end(bootstrap: str, topic: str, extra: dict[str, object] | None = None) -> Iterator[Message]:
+    """Every committed record of a topic, from the beginning to its current end."""
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": "mlflow-datahub-restore",
+                       "enable.auto.commit": False, "isolation.level": "read_committed",
+                       "enable.partition.eof": True, **(extra or {})})
+    try:
+        meta = reader.list_topics(topic, timeout=30).topics[topic]
+        pending = set()
+        assignment = []
+        for p in meta.partitions:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            if high > low:
+                pending.add(p)
+                assignment.append(TopicPartition(topic, p, low))
+        reader.assign(assignment)
+        while pending:
+            for msg in reader.consume(1000, timeout=1.0):
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        pending.discard(msg.partition())
+                        continue
+                    raise KafkaException(msg.error())
+                yield msg
+    finally:
+        reader.close()
+
+
+class ChangeProducer:
+    def __init__(self, cfg: ConnectorConfig, reader: MlflowReader) -> None:
+        self.cfg = cfg
+        self.reader = reader
+        k = cfg.kafka
+        self.topics = k.topics
+        self.bootstrap = k.resolved_bootstrap()
+        self.tracking_uri = reader.settings.tracking_uri
+        self.registry_uri = reader.settings.registry_uri
+        self.position_key = f"position:{cfg.pipeline_name or 'mlflow-datahub'}".encode()
+        self.partitions = partition_count(admin(cfg), self.topics.changes)
+        self.producer = Producer({
+            "bootstrap.servers": self.bootstrap,
+            "transactional.id": f"{k.transactional_id_prefix}-producer",
+            "transaction.timeout.ms": 60000,
+            "linger.ms": 20,
+            **k.producer_config,
+        })
+        self.producer.init_transactions(60)
+        self.position = Position()
+        self.published: dict[str, str] = {}  # key -> fingerprint of the last published state
+        self._end_offsets: dict[int, int] = {}
+        self._restore()
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        started = time.monotonic()
+        for msg in read_to_end(self.bootstrap, self.topics.producer_offsets):
+            if msg.key() == self.position_key and msg.value() is not None:
+                self.position = Position.from_json(msg.value())
+        events = 0
+        for msg in read_to_end(self.bootstrap, self.topics.changes):
+            events += 1
+            try:
+                event = codec.decode(msg.value())
+            except codec.DecodeError:
+                continue
+            if event["kind"] == "SNAPSHOT":
+                continue
+            if event["op"] == "DELETE":
+                self.published.pop(event["key"], None)
+            else:
+                self.published[event["key"]] = fingerprint(event["after"])  # type: ignore[arg-type]
+        log.info("producer position restored: snapshot %d, %d entities published (%d events read in %.1f s)",
+                 self.position.snapshot_seq, len(self.published), events, time.monotonic() - started)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _on_delivery(self, error: KafkaError | None, msg: Message) -> None:
+        if error is None and msg.key() and msg.key().startswith(b"snapshot:"):
+            self._end_offsets[msg.partition()] = msg.offset()
+
+    def _send(self, event: ChangeEvent, partition: int | None = None) -> None:
+        kwargs = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self.producer.produce(self.topics.changes, key=event["key"].encode(), value=codec.encode(event),
+                                      on_delivery=self._on_delivery, **kwargs)
+                return
+            except BufferError:
+                self.producer.poll(0.5)
+
+    def _commit(self, events: Iterable[tuple[ChangeEvent, int | None]], position: Position | None = None) -> None:
+        """One transaction: the events, then (optionally) the new position."""
+        batch = list(events)
+        delay = 1.0
+        while True:
+            try:
+                self.producer.begin_transaction()
+                for event, partition in batch:
+                    self._send(event, partition)
+                if position is not None:
+                    self.producer.produce(self.topics.producer_offsets, key=self.position_key,
+                                          value=position.to_json())
+                self.producer.commit_transaction(120)
+                break
+            except KafkaException as e:
+                error = e.args[0]
+                if error.fatal():
+                    raise
+                try:
+                    self.producer.abort_transaction(60)
+                except KafkaException as abort_error:
+                    if abort_error.args[0].fatal():
+                        raise
+                log.warning("producer: transaction of %d events not written (%s); retrying in %.0f s",
+                            len(batch), error.str(), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        for event, _ in batch:
+            if event["kind"] == "SNAPSHOT":
+                continue
+            if event["op"] == "DELETE":
+                self.published.pop(event["key"], None)
+            else:
+                self.published[event["key"]] = fingerprint(event["after"])  # type: ignore[arg-type]
+        if position is not None:
+            self.position = position
+
+    def _markers(self, op: str, snapshot_id: str, read_at: int, complete: bool = False,
+                 entities: int = 0) -> list[tuple[ChangeEvent, int | None]]:
+        source = source_block(self.tracking_uri, self.registry_uri, read_at, snapshot_id)
+        return [(snapshot_marker(op, snapshot_id, self.partitions, source, now_ms(), complete, entities), p)  # type: ignore[arg-type]
+                for p in range(self.partitions)]
+
+    # -- a complete snapshot ---------------------------------------------------------------------
+
+    def snapshot(self, stop: threading.Event | None = None) -> SnapshotSummary:
+        """Read all of MLflow; publish every entity as READ between markers on every partition;
+        publish DELETE for what was published before and is gone. An interrupted or failed listing
+        ends with an incomplete marker and deletes nothing."""
+        seq = self.position.snapshot_seq + 1
+        started = now_ms()
+        snapshot_id = f"{seq}-{started}"
+        summary = SnapshotSummary(snapshot_id, complete=False)
+        self._end_offsets = {}
+        self._commit(self._markers("SNAPSHOT_BEGIN", snapshot_id, started),
+                     Position(seq, self.position.last_snapshot_ms, self.position.watermarks))
+        log.info("snapshot %s started", snapshot_id)
+        seen: set[str] = set()
+        batch: list[tuple[ChangeEvent, int | None]] = []
+        try:
+            for kind, entity in full_listing(self.reader):
+                if stop is not None and stop.is_set():
+                    raise InterruptedError("stopped")
+                event = entity_changed("READ", kind, entity,
+                                       source_block(self.tracking_uri, self.registry_uri, now_ms(), snapshot_id),
+                                       now_ms())
+                seen.add(event["key"])
+                summary.entities[kind] = summary.entities.get(kind, 0) + 1
+                batch.append((event, None))
+                if len(batch) >= self.cfg.producer.transaction_size:
+                    self._commit(batch)
+                    summary.events += len(batch)
+                    batch = []
+            summary.complete = True
+        except (MlflowUnavailable, InterruptedError) as e:
+            summary.reason = str(e)
+            log.warning("snapshot %s interrupted: %s; nothing will be deleted for it", snapshot_id, e)
+        deletes: list[tuple[ChangeEvent, int | None]] = []
+        if summary.complete:
+            deletes = self._deletes(seen, snapshot_id, summary)
+        total = sum(summary.entities.values())
+        final = batch + deletes + self._markers("SNAPSHOT_END", snapshot_id, now_ms(), summary.complete, total)
+        position = Position(seq, started if summary.complete else self.position.last_snapshot_ms,
+                            self.position.watermarks)
+        self._commit(final, position)
+        summary.events += len(batch) + len(deletes)
+        summary.deletes = len(deletes)
+        summary.end_offsets = dict(self._end_offsets)
+        log.info("snapshot %s %s: %d entities (%s), %d deletes", snapshot_id,
+                 "complete" if summary.complete else "INCOMPLETE", total,
+                 ", ".join(f"{v} {k.lower()}" for k, v in summary.entities.items()), len(deletes))
+        return summary
+
+    def _deletes(self, seen: set[str], snapshot_id: str, summary: SnapshotSummary
+                 ) -> list[tuple[ChangeEvent, int | None]]:
+        gone = sorted(set(self.published) - seen)
+        if not gone:
+            return []
+        stateful = self.cfg.stateful
+        percent = 100.0 * len(gone) / max(len(self.published), 1)
+        if percent > stateful.fail_safe_threshold:
+            summary.complete = False
+            summary.reason = (f"{len(gone)} of {len(self.published)} entities ({percent:.0f}%) are gone, above "
+                              f"fail_safe_threshold {stateful.fail_safe_threshold:.0f}%: treated as a failed listing")
+            log.warning("snapshot %s: %s", snapshot_id, summary.reason)
+            return []
+        source = source_block(self.tracking_uri, self.registry_uri, now_ms(), snapshot_id)
+        return [(entity_deleted(key, kind_of_key(key), source, now_ms()), None) for key in gone]
+
+    # -- change cycles ---------------------------------------------------------------------------
+
+    def publish_changes(self, entities: Iterable[tuple[EntityKind, Entity]]) -> int:
+        """Publish the entities whose state differs from what was last published."""
+        batch: list[tuple[ChangeEvent, int | None]] = []
+        count = 0
+        for kind, entity in entities:
+            event = entity_changed("UPDATE", kind, entity,
+                                   source_block(self.tracking_uri, self.registry_uri, now_ms()), now_ms())
+            previous = self.published.get(event["key"])
+            if previous == fingerprint(entity):
+                continue
+            if previous is None:
+                event["op"] = "CREATE"
+            batch.append((event, None))
+            if len(batch) >= self.cfg.producer.transaction_size:
+                self._commit(batch)
+                count += len(batch)
+                batch = []
+        if batch:
+            self._commit(batch)
+            count += len(batch)
+        return count
+
+    def snapshot_due(self) -> bool:
+        last = self.position.last_snapshot_ms
+        return last is None or now_ms() - last >= self.cfg.producer.reconcile_interval_seconds * 1000
+
+    def run(self, stop: threading.Event) -> None:
+        """Until stopped: a complete snapshot when one is due, else publish what changed."""
+        log.info("producer reading %s every %.0f s (complete snapshot every %.0f s) into %s",
+                 self.tracking_uri, self.cfg.producer.poll_interval_seconds,
+                 self.cfg.producer.reconcile_interval_seconds, self.topics.changes)
+        while not stop.is_set():
+            try:
+                if self.snapshot_due():
+                    self.snapshot(stop)
+                else:
+                    changed = self.publish_changes(full_listing(self.reader))
+                    if changed:
+                        log.info("published %d changed entities", changed)
+            except MlflowUnavailable as e:
+                log.warning("producer: %s; next attempt in %.0f s", e, self.cfg.producer.poll_interval_seconds)
+            stop.wait(self.cfg.producer.poll_interval_seconds)
+
+    def close(self) -> None:
+        self.producer.flush(30)

@@ -1,0 +1,178 @@
+"""What the consumer knows to exist in DataHub, per change-topic partition, and the decisions made
+from it. Pure: events and MCPs in, MCPs to write and state changes out.
+
+For every URN the connector wrote, the state holds the fingerprint of each aspect last written
+(so an unchanged aspect is not written again), the change key that owns it (for the entity's
+primary URN; shared URNs such as stage tags, users and datasets have no owner and are never
+soft-deleted), the last complete snapshot that saw it, and whether it is soft-deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+
+from datahub.emitter.mcp import MetadataChangeProposalWrapper
+
+from connector.events import ChangeEvent
+from connector.mapping import EntityMcps, removal_mcp
+
+SNAPSHOT_KEY = "__snapshot__"
+
+
+@dataclass(frozen=True)
+class Entry:
+    owner: str | None = None
+    aspects: dict[str, str] = field(default_factory=dict)
+    seen: str | None = None
+    removed: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps({"owner": self.owner, "aspects": self.aspects, "seen": self.seen,
+                           "removed": self.removed}, sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(data: bytes) -> Entry:
+        d = json.loads(data)
+        return Entry(owner=d.get("owner"), aspects=dict(d.get("aspects") or {}), seen=d.get("seen"),
+                     removed=bool(d.get("removed")))
+
+
+@dataclass
+class PartitionState:
+    """State of one partition. `open_snapshot` is the snapshot whose BEGIN marker was read and
+    whose END marker was not yet."""
+
+    entries: dict[str, Entry] = field(default_factory=dict)
+    open_snapshot: str | None = None
+
+    def owned_by(self, owner: str) -> list[str]:
+        return [urn for urn, e in self.entries.items() if e.owner == owner and not e.removed]
+
+    def apply(self, changes: dict[str, Entry | None]) -> None:
+        for urn, entry in changes.items():
+            if urn == SNAPSHOT_KEY:
+                self.open_snapshot = entry.seen if entry is not None else None
+            elif entry is None:
+                self.entries.pop(urn, None)
+            else:
+                self.entries[urn] = entry
+
+
+@dataclass(frozen=True)
+class Policy:
+    """`stateful_ingestion` of the recipe: whether, and how carefully, to soft-delete."""
+
+    enabled: bool = False
+    remove_stale_metadata: bool = True
+    fail_safe_threshold: float = 75.0
+
+    @property
+    def deletes(self) -> bool:
+        return self.enabled and self.remove_stale_metadata
+
+
+@dataclass
+class Outcome:
+    """What to write for one event: MCPs, and state changes (None = tombstone)."""
+
+    mcps: list[MetadataChangeProposalWrapper] = field(default_factory=list)
+    state: dict[str, Entry | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+
+def aspect_fingerprint(mcp: MetadataChangeProposalWrapper) -> str:
+    assert mcp.aspect is not None
+    body = json.dumps(mcp.aspect.to_obj(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{mcp.aspectName}:{body}".encode()).hexdigest()[:24]
+
+
+class Decider:
+    """Applies events to one partition's state and says what to write."""
+
+    def __init__(self, partition: PartitionState, policy: Policy) -> None:
+        self.partition = partition
+        self.policy = policy
+
+    def _current(self, urn: str, outcome: Outcome) -> Entry | None:
+        if urn in outcome.state:
+            return outcome.state[urn]
+        return self.partition.entries.get(urn)
+
+    def _soft_delete(self, urn: str, template: MetadataChangeProposalWrapper | None, outcome: Outcome) -> None:
+        mcp = removal_mcp(urn)
+        if template is not None:
+            mcp.systemMetadata = template.systemMetadata
+        outcome.mcps.append(mcp)
+        outcome.state[urn] = None
+
+    def entity(self, event: ChangeEvent, entity: EntityMcps) -> Outcome:
+        """An entity's new state: write the aspects that changed, own its primary URN, and
+        soft-delete a primary URN the key owned before but no longer maps to (a renamed
+        experiment keeps its id but changes its URN)."""
+        outcome = Outcome()
+        key = event["key"]
+        open_snapshot = self.partition.open_snapshot
+        for mcp in entity.mcps:
+            urn = str(mcp.entityUrn)
+            current = self._current(urn, outcome) or Entry()
+            fp = aspect_fingerprint(mcp)
+            if current.aspects.get(str(mcp.aspectName)) == fp:
+                outcome.skipped += 1
+            else:
+                outcome.mcps.append(mcp)
+                current = replace(current, aspects={**current.aspects, str(mcp.aspectName): fp})
+            if urn == entity.primary_urn:
+                removed = current.aspects.get("status") == aspect_fingerprint(removal_mcp(urn))
+                current = replace(current, owner=key, seen=open_snapshot or current.seen, removed=removed)
+            outcome.state[urn] = current
+        if self.policy.deletes:
+            for urn in self.partition.owned_by(key):
+                if urn != entity.primary_urn:
+                    outcome.notes.append(f"{key} no longer maps to {urn}: soft-deleted")
+                    self._soft_delete(urn, entity.mcps[0] if entity.mcps else None, outcome)
+        return outcome
+
+    def deleted(self, event: ChangeEvent) -> Outcome:
+        """The entity is gone from MLflow: soft-delete what its key owns."""
+        outcome = Outcome()
+        if not self.policy.deletes:
+            outcome.notes.append(f"{event['key']} is gone from MLflow; stateful_ingestion is off, nothing deleted")
+            return outcome
+        for urn in self.partition.owned_by(event["key"]):
+            outcome.notes.append(f"{event['key']} is gone from MLflow: {urn} soft-deleted")
+            self._soft_delete(urn, None, outcome)
+        return outcome
+
+    def snapshot_begin(self, snapshot_id: str) -> Outcome:
+        return Outcome(state={SNAPSHOT_KEY: Entry(seen=snapshot_id)})
+
+    def snapshot_end(self, snapshot_id: str, complete: bool) -> Outcome:
+        """Soft-delete the entities this partition knows that the snapshot did not see, unless the
+        snapshot is incomplete or not the one this partition saw begin, or too much would go."""
+        outcome = Outcome(state={SNAPSHOT_KEY: None})
+        if self.partition.open_snapshot != snapshot_id:
+            outcome.notes.append(f"snapshot {snapshot_id} ended without its beginning in this partition: "
+                                 "no stale-entity check")
+            return outcome
+        if not complete:
+            outcome.notes.append(f"snapshot {snapshot_id} is incomplete: no stale-entity check")
+            return outcome
+        if not self.policy.deletes:
+            return outcome
+        known = {urn: e for urn, e in self.partition.entries.items() if e.owner and not e.removed}
+        stale = sorted(urn for urn, e in known.items() if e.seen != snapshot_id)
+        if not stale:
+            return outcome
+        percent = 100.0 * len(stale) / len(known)
+        if percent > self.policy.fail_safe_threshold:
+            outcome.notes.append(
+                f"snapshot {snapshot_id}: {len(stale)} of {len(known)} entities ({percent:.0f}%) would be "
+                f"soft-deleted, above fail_safe_threshold {self.policy.fail_safe_threshold:.0f}%: nothing deleted")
+            return outcome
+        for urn in stale:
+            outcome.notes.append(f"snapshot {snapshot_id} did not see {known[urn].owner}: {urn} soft-deleted")
+            self._soft_delete(urn, None, outcome)
+        return outcome

@@ -1,0 +1,91 @@
+"""Kafka topics of the connector: created on start-up with the settings that make replay and
+stale-entity removal hold (see docs/operations.md)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from connector.config import ConfigError, ConnectorConfig
+
+log = logging.getLogger(__name__)
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def specs(cfg: ConnectorConfig) -> list[TopicSpec]:
+    k = cfg.kafka
+    t = k.topics
+    compact = {"cleanup.policy": "compact"}
+    return [
+        # Compacted: the latest event of every entity survives forever, so a replay from the
+        # beginning rebuilds every entity; a week of full history is kept before compaction, so
+        # a replay from a timestamp within the week sees every change after it.
+        TopicSpec(t.changes, k.partitions, {**compact, "min.compaction.lag.ms": str(WEEK_MS)}),
+        # Co-partitioned with the change topic: partition p of the state holds the URNs that
+        # events of change partition p made exist.
+        TopicSpec(t.state, k.partitions, compact),
+        TopicSpec(t.producer_offsets, 1, compact),
+        TopicSpec(t.dead_letter, 1, {"cleanup.policy": "delete", "retention.ms": str(4 * WEEK_MS)}),
+        TopicSpec(t.mcp, 1, {}),
+    ]
+
+
+def admin(cfg: ConnectorConfig) -> AdminClient:
+    return AdminClient({"bootstrap.servers": cfg.kafka.resolved_bootstrap(), **_security(cfg)})
+
+
+def _security(cfg: ConnectorConfig) -> dict[str, str]:
+    """Connection settings shared by every client (security.protocol, sasl.*, ssl.*)."""
+    shared = ("security.", "sasl.", "ssl.", "client.")
+    return {k: v for k, v in cfg.kafka.producer_config.items() if k.startswith(shared)}
+
+
+def partition_count(client: AdminClient, topic: str, timeout: float = 10.0) -> int:
+    meta = client.list_topics(topic, timeout=timeout).topics[topic]
+    if meta.error is not None:
+        raise KafkaException(meta.error)
+    return len(meta.partitions)
+
+
+def ensure_topics(cfg: ConnectorConfig, timeout: float = 15.0) -> dict[str, int]:
+    """Create missing topics; check that the state topic is co-partitioned with the change topic.
+    Returns the partition count of each topic. Raises ConfigError when the broker is unreachable."""
+    client = admin(cfg)
+    try:
+        existing = client.list_topics(timeout=timeout).topics
+    except KafkaException as e:
+        raise ConfigError(
+            f"kafka.bootstrap_servers: no Kafka broker answers at {cfg.kafka.resolved_bootstrap()} ({e.args[0]})"
+        ) from None
+    missing = [s for s in specs(cfg) if s.name not in existing]
+    if missing:
+        futures = client.create_topics([
+            NewTopic(s.name, num_partitions=s.partitions,
+                     replication_factor=cfg.kafka.replication_factor, config=s.config)
+            for s in missing
+        ])
+        for name, future in futures.items():
+            try:
+                future.result(timeout)
+                log.info("created topic %s", name)
+            except KafkaException as e:
+                if "TOPIC_ALREADY_EXISTS" not in str(e):
+                    raise
+    counts = {s.name: partition_count(client, s.name, timeout) for s in specs(cfg)}
+    t = cfg.kafka.topics
+    if counts[t.state] != counts[t.changes]:
+        raise ConfigError(
+            f"kafka.topics.state: {t.state} has {counts[t.state]} partitions but {t.changes} has "
+            f"{counts[t.changes]}; the state topic must be co-partitioned with the change topic")
+    return counts
