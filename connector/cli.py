@@ -29,7 +29,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("urllib3", "httpx", "mlflow", "datahub", "alembic"):
+    for noisy in ("urllib3", "httpx", "httpx2", "mlflow", "datahub", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -178,6 +178,65 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Local stack, demo content, streaming, and a live change seen on the MCP topic."""
+    import os
+
+    from connector import stack
+    from connector.consumer import ChangeConsumer
+    from connector.demo import live_change, populate
+    from connector.mapping import run_urn
+    from connector.producer import ChangeProducer
+
+    if not (os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("SCHEMA_REGISTRY_URL")):
+        endpoints = stack.up(progress=lambda line: print(line, file=sys.stderr))
+        for line in endpoints.as_env_lines():
+            name, _, value = line.partition("=")
+            os.environ.setdefault(name, value)
+    cfg, _ = _startup(args.config)
+    tracking_uri = cfg.mlflow.resolved_tracking_uri()
+    print(f"1. demo content in MLflow at {tracking_uri}")
+    populate(tracking_uri)
+    stop = _stop_on_signals()
+    producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
+    consumer = ChangeConsumer(cfg, args.instance_id)
+    threads = [threading.Thread(target=producer.run, args=(stop,), name="producer", daemon=True),
+               threading.Thread(target=consumer.run, args=(stop,), name="consumer", daemon=True)]
+    for t in threads:
+        t.start()
+
+    def wait_for(what: str, condition: Callable[[], bool], seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if stop.is_set() or time.monotonic() > deadline or not all(t.is_alive() for t in threads):
+                stop.set()
+                raise Failure(f"demo: gave up waiting for {what}")
+            time.sleep(0.5)
+
+    print("2. streaming: producer and consumer running (mlflow-datahub run does the same)")
+    wait_for("the first snapshot", lambda: producer.position.last_snapshot_ms is not None
+             and consumer.stats.events >= len(producer.published))
+    time.sleep(2)
+    print(f"   {consumer.stats.events} change events -> {sum(consumer.stats.mcps.values())} MCPs on "
+          f"{cfg.kafka.topics.mcp}:")
+    for aspect, count in sorted(consumer.stats.mcps.items()):
+        print(f"     {aspect:32} {count}")
+    written = sum(consumer.stats.mcps.values())
+    run_id = live_change(tracking_uri)
+    print("3. live change in MLflow: new accuracy on 'finished run', tag on 'demo classifier' v1")
+    started = time.monotonic()
+    wait_for("the live change", lambda: sum(consumer.stats.mcps.values()) >= written + 3)
+    print(f"   reached {cfg.kafka.topics.mcp} {time.monotonic() - started:.1f} s later: "
+          f"{sum(consumer.stats.mcps.values()) - written} MCPs (run {run_urn(run_id)} and the versions it produced)")
+    stop.set()
+    for t in threads:
+        t.join(30)
+    producer.close()
+    print("4. read it back:  .venv/bin/mlflow-datahub dump -c examples/local.yml --out mcps.json")
+    print("   keep streaming: .venv/bin/mlflow-datahub run -c examples/local.yml   (stop the stack: make stack-down)")
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from connector.demo import populate
 
@@ -224,6 +283,8 @@ def parser() -> argparse.ArgumentParser:
     d = command("dump", cmd_dump, "Write the MCP topic's contents as a DataHub file-sink JSON file.")
     d.add_argument("--out", required=True, metavar="FILE.json")
     command("demo-data", cmd_demo_data, "Create the demo experiments, runs and models in MLflow.")
+    demo = command("demo", cmd_demo, "Start the local stack, load demo data, stream it and show a live change.")
+    demo.add_argument("--instance-id", help="consumer instance name (default: host name)")
     return p
 
 

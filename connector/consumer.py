@@ -73,6 +73,7 @@ def consumer_config(cfg: ConnectorConfig, group: str | None = None) -> dict[str,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "max.poll.interval.ms": 600000,
+        "logger": logging.getLogger("librdkafka"),
         **cfg.kafka.consumer_config,
     }
 
@@ -98,6 +99,7 @@ class ChangeConsumer:
             "transactional.id": f"{k.transactional_id_prefix}-consumer-{self.instance_id}",
             "transaction.timeout.ms": 30000,
             "linger.ms": 20,
+            "logger": logging.getLogger("librdkafka"),
             **k.producer_config,
         })
         self.producer.init_transactions(60)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import warnings
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
@@ -72,6 +74,8 @@ def _log_run(
 
 def populate(tracking_uri: str) -> DemoContent:
     """Create the demo content on the MLflow server at `tracking_uri`; idempotent."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="connector.demo")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     content = DemoContent()
     existing = client.get_experiment_by_name(MARKER_EXPERIMENT)
@@ -135,3 +139,19 @@ def _describe(client: MlflowClient) -> DemoContent:
     for model in client.search_registered_models():
         content.models[model.name] = [mv.version for mv in client.search_model_versions(f"name = '{model.name}'")]
     return content
+
+
+# -- the guided demo behind `make demo` ----------------------------------------------------------
+
+
+def live_change(tracking_uri: str) -> str:
+    """A change to make while the connector streams: a better metric on the finished run (which
+    also changes the model versions it produced) and a tag on the production version."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    training = client.get_experiment_by_name(MARKER_EXPERIMENT)
+    assert training is not None
+    run = client.search_runs([training.experiment_id], filter_string="attributes.run_name = 'finished run'")[0]
+    accuracy = round(run.data.metrics.get("accuracy", 0.9) + 0.01, 4)
+    client.log_metric(run.info.run_id, "accuracy", accuracy)
+    client.set_model_version_tag("demo classifier", "1", "reviewed", "yes")
+    return run.info.run_id

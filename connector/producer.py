@@ -105,6 +105,7 @@ class ChangeProducer:
             "transactional.id": f"{k.transactional_id_prefix}-producer",
             "transaction.timeout.ms": 60000,
             "linger.ms": 20,
+            "logger": logging.getLogger("librdkafka"),
             **k.producer_config,
         })
         self.producer.init_transactions(60)

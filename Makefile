@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`  (see README.md).
+PYTHON ?= python3
+VENV := .venv
+ORIGINAL := .cache/original-venv
+
+.PHONY: demo test lint bench clean stack-down
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# DataHub's batch MLflow source, for the parity test and the benchmark: its own environment,
+# because it pins mlflow-skinny<2.21 (and MLflow 2.20 needs SQLAlchemy<2.1).
+$(ORIGINAL)/.installed:
+	$(PYTHON) -m venv $(ORIGINAL)
+	$(ORIGINAL)/bin/pip install -q --upgrade pip
+	$(ORIGINAL)/bin/pip install -q 'acryl-datahub[mlflow]==1.7.0.17' 'sqlalchemy<2.1'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/mlflow-datahub demo -c examples/local.yml
+
+test: $(VENV)/.installed $(ORIGINAL)/.installed
+	$(VENV)/bin/ruff check connector tests bench
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check connector tests bench
+
+bench: $(VENV)/.installed $(ORIGINAL)/.installed
+	$(VENV)/bin/python bench/benchmark.py
+
+stack-down: $(VENV)/.installed
+	$(VENV)/bin/mlflow-datahub stack down
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info
