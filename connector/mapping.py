@@ -201,6 +201,15 @@ def removal_mcp(urn: str) -> MetadataChangeProposalWrapper:
     return _status(urn, True)
 
 
+def removal_mcps(urn: str) -> list[MetadataChangeProposalWrapper]:
+    """Soft delete, plus what depends on the entity: a model version that is gone no longer
+    carries its stage tag (the tag's page would otherwise still list it)."""
+    mcps = [removal_mcp(urn)]
+    if urn.startswith("urn:li:mlModel:"):
+        mcps.append(_mcp(urn, GlobalTagsClass(tags=[])))
+    return mcps
+
+
 # ---- experiments ------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datahub.emitter.mcp import MetadataChangeProposalWrapper
 
 from connector.events import ChangeEvent
-from connector.mapping import EntityMcps, removal_mcp
+from connector.mapping import EntityMcps, removal_mcp, removal_mcps
 
 SNAPSHOT_KEY = "__snapshot__"
 
@@ -102,10 +102,10 @@ class Decider:
         return self.partition.entries.get(urn)
 
     def _soft_delete(self, urn: str, template: MetadataChangeProposalWrapper | None, outcome: Outcome) -> None:
-        mcp = removal_mcp(urn)
-        if template is not None:
-            mcp.systemMetadata = template.systemMetadata
-        outcome.mcps.append(mcp)
+        for mcp in removal_mcps(urn):
+            if template is not None:
+                mcp.systemMetadata = template.systemMetadata
+            outcome.mcps.append(mcp)
         outcome.state[urn] = None
 
     def entity(self, event: ChangeEvent, entity: EntityMcps) -> Outcome:
