@@ -46,7 +46,7 @@ def experiment_state(experiment: MlflowExperiment) -> Experiment:
     return {
         "experiment_id": str(experiment.experiment_id),
         "name": experiment.name,
-        "artifact_location": _none_if_empty(experiment.artifact_location),
+        "artifact_location": experiment.artifact_location,
         "lifecycle_stage": experiment.lifecycle_stage,
         "tags": _tags(experiment.tags),
         "creation_time": experiment.creation_time,
@@ -97,7 +97,7 @@ def run_state(run: MlflowRun, experiment_name: str, model_versions: Iterable[Mod
         "start_time": info.start_time,
         "end_time": info.end_time,
         "user_id": _none_if_empty(info.user_id),
-        "artifact_uri": _none_if_empty(info.artifact_uri),
+        "artifact_uri": info.artifact_uri,
         "params": _tags(run.data.params),
         "metrics": _metrics(run),
         "tags": _tags(run.data.tags),
@@ -115,7 +115,7 @@ def registered_model_state(model: MlflowRegisteredModel) -> RegisteredModel:
     aliases = model.aliases or {}
     return {
         "name": model.name,
-        "description": _none_if_empty(model.description),
+        "description": model.description,
         "creation_timestamp": model.creation_timestamp,
         "last_updated_timestamp": model.last_updated_timestamp,
         "tags": _tags(model.tags),
@@ -136,7 +136,7 @@ def model_version_state(
         "version": str(version.version),
         "creation_timestamp": version.creation_timestamp,
         "last_updated_timestamp": version.last_updated_timestamp,
-        "description": _none_if_empty(version.description),
+        "description": version.description,
         "user_id": _none_if_empty(version.user_id),
         "current_stage": version.current_stage or "None",
         "source": _none_if_empty(version.source),

@@ -51,7 +51,8 @@ def current_schema() -> dict[str, Any]:
 
 
 def schema_fingerprint(schema: dict[str, Any]) -> bytes:
-    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))[::-1]
+    """The 8 header bytes: fastavro's CRC-64-AVRO fingerprint is already in the spec's little-endian order."""
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
 
 
 @cache
@@ -81,7 +82,7 @@ def decode(data: bytes | None) -> ChangeEvent:
         raise DecodeError("not Avro single-object encoding (missing C3 01 header)")
     writer = _writers_by_fingerprint().get(data[2:HEADER_SIZE])
     if writer is None:
-        raise DecodeError(f"unknown writer schema fingerprint {data[2:HEADER_SIZE][::-1].hex()}")
+        raise DecodeError(f"unknown writer schema fingerprint {data[2:HEADER_SIZE].hex()}")
     try:
         record = fastavro.schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer, current_schema())
     except Exception as e:  # fastavro raises several types for corrupt bodies

@@ -216,7 +216,7 @@ def removal_mcps(urn: str) -> list[MetadataChangeProposalWrapper]:
 def experiment_mcps(experiment: Experiment) -> EntityMcps:
     tags = _dict(experiment["tags"])
     description = tags.pop("mlflow.note.content", None)
-    tags["artifacts_location"] = cast(str, experiment["artifact_location"])
+    tags["artifacts_location"] = experiment["artifact_location"] or ""
     container = Container(
         container_key=ExperimentKey(platform=PLATFORM_URN, id=experiment["name"]),
         subtype=MLAssetSubTypes.MLFLOW_EXPERIMENT,
@@ -269,11 +269,12 @@ def _dataset_mcps(
     mcps: list[MetadataChangeProposalWrapper] = []
     warnings: list[str] = []
     for dataset in run["dataset_inputs"]:
-        tags = _dict(dataset["tags"])
         schema = _dataset_schema(dataset)
-        properties = dict(tags)
-        if schema is None:
-            properties["schema"] = cast(str, dataset["schema"])
+        # As in the original, the unparsed schema travels in the properties of every dataset made
+        # for this input (it crashes on a dataset without a schema; none is written here).
+        properties = _dict(dataset["tags"])
+        if schema is None and dataset["schema"] is not None:
+            properties["schema"] = dataset["schema"]
         # FIX(dataset-env): the original always puts datasets in PROD; they follow `env` here.
         if dataset["source_type"] in ("local", "code"):
             local = Dataset(platform=PLATFORM, name=dataset["name"], env=settings.env, schema=schema,
@@ -288,7 +289,7 @@ def _dataset_mcps(
                                 f"{dataset['source_type']!r}; add it to source_mapping_to_platform")
                 continue
             hosted = Dataset(platform=platform, name=dataset["name"], env=settings.env, schema=schema,
-                             custom_properties=tags)
+                             custom_properties=properties)
             mcps.extend(cast(MetadataChangeProposalWrapper, wu.metadata) for wu in hosted.as_workunits())
         upstreams = (
             UpstreamLineageClass(upstreams=[UpstreamClass(str(DatasetUrn(platform=platform, name=dataset["name"],
@@ -296,7 +297,7 @@ def _dataset_mcps(
             if platform else None
         )
         reference = Dataset(platform=PLATFORM, name=dataset["name"], env=settings.env, schema=schema,
-                            custom_properties=tags, upstreams=upstreams)
+                            custom_properties=properties, upstreams=upstreams)
         mcps.extend(cast(MetadataChangeProposalWrapper, wu.metadata) for wu in reference.as_workunits())
         urns.append(str(reference.urn))
     for urn in dict.fromkeys(m.entityUrn for m in mcps if m.entityUrn):
@@ -324,7 +325,7 @@ def run_mcps(run: Run, event: ChangeEvent, settings: MappingSettings) -> tuple[E
         )),
         _mcp(urn, ContainerClass(container=experiment_urn(run["experiment_name"]))),
         # FIX(all-model-versions): the original links only the first version a run produced.
-        # Emitted also when empty, so that a deleted version's edge disappears.
+        # FIX(empty-edges): emitted also when empty, so that a deleted version's edge disappears.
         _mcp(urn, DataProcessInstanceOutputClass(
             outputs=[],
             outputEdges=[EdgeClass(destinationUrn=model_urn(v["name"], v["version"], settings))
@@ -333,7 +334,7 @@ def run_mcps(run: Run, event: ChangeEvent, settings: MappingSettings) -> tuple[E
         _mcp(urn, MLTrainingRunPropertiesClass(
             hyperParams=_params(run["params"]),
             trainingMetrics=_metrics(run["metrics"]),
-            outputUrls=[run["artifact_uri"]] if run["artifact_uri"] else [],
+            outputUrls=[run["artifact_uri"]] if run["artifact_uri"] is not None else [],
             id=run["run_id"],
         )),
     ]
@@ -353,7 +354,8 @@ def run_mcps(run: Run, event: ChangeEvent, settings: MappingSettings) -> tuple[E
     mcps.append(_mcp(urn, SubTypesClass(typeNames=[MLAssetSubTypes.MLFLOW_TRAINING_RUN])))
     dataset_urns, dataset_mcps, warnings = _dataset_mcps(run, settings)
     mcps.extend(dataset_mcps)
-    # Emitted also when empty (see the output edges above).
+    # FIX(empty-edges): emitted also when empty, so that an input that is gone disappears (the
+    # original writes no input aspect for a run without inputs, and never clears one).
     mcps.append(_mcp(urn, DataProcessInstanceInputClass(
         inputs=[], inputEdges=[EdgeClass(destinationUrn=u) for u in dataset_urns])))
     # FIX(deleted-runs): runs MLflow marks deleted are soft-deleted too (the original exempts runs).

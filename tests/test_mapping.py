@@ -216,11 +216,6 @@ def test_experiment_status_follows_lifecycle(stage: str, removed: bool) -> None:
     assert aspect(event, experiment_urn("demo/training runs"), "status") == {"removed": removed}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connector bug: an experiment without artifact location gets "
-    "customProperties['artifacts_location'] = None, an invalid aspect",
-)
 def test_experiment_without_artifact_location_is_valid() -> None:
     transform(experiment_event(mo.experiment(artifact_location="")))
 
@@ -481,11 +476,6 @@ def test_unknown_source_type_not_materialized_is_a_reference_without_lineage() -
     assert (reference, "upstreamLineage") not in found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connector bug: a dataset without schema (MLflow allows it) gets "
-    "customProperties['schema'] = None, an invalid aspect",
-)
 def test_dataset_without_schema_is_valid() -> None:
     transform(mo.run_event(mo.run(datasets=[mo.dataset_input("meta", "local", schema=None)])))
 
