@@ -169,6 +169,19 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from connector.replay import ReplayError, parse_timestamp, replay
+
+    try:
+        since = None if args.from_beginning else parse_timestamp(args.from_timestamp)
+        cfg, _ = _startup(args.config)
+        summary = replay(cfg, since, _stop_on_signals(), args.instance_id)
+    except ReplayError as e:
+        raise Failure(str(e)) from None
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
     from connector.dump import dump
 
@@ -222,12 +235,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for aspect, count in sorted(consumer.stats.mcps.items()):
         print(f"     {aspect:32} {count}")
     written = sum(consumer.stats.mcps.values())
+    versions_before = consumer.stats.mcps.get("versionProperties", 0)
     run_id = live_change(tracking_uri)
-    print("3. live change in MLflow: new accuracy on 'finished run', tag on 'demo classifier' v1")
+    print("3. live change in MLflow: a retrained run, registered as a new version of 'demo classifier'")
     started = time.monotonic()
-    wait_for("the live change", lambda: sum(consumer.stats.mcps.values()) >= written + 3)
+    wait_for("the live change", lambda: consumer.stats.mcps.get("versionProperties", 0) > versions_before)
     print(f"   reached {cfg.kafka.topics.mcp} {time.monotonic() - started:.1f} s later: "
-          f"{sum(consumer.stats.mcps.values()) - written} MCPs (run {run_urn(run_id)} and the versions it produced)")
+          f"{sum(consumer.stats.mcps.values()) - written} MCPs (run {run_urn(run_id)}, its model version and group)")
     stop.set()
     for t in threads:
         t.join(30)
@@ -280,6 +294,13 @@ def parser() -> argparse.ArgumentParser:
     snap.add_argument("--instance-id", help="consumer instance name (default: host name)")
     snap.add_argument("--mlflow-retry-seconds", type=float, default=60.0,
                       help="how long to retry while MLflow does not answer (default 60)")
+    rp = command("replay", cmd_replay, "Rewind the consumer group and reprocess the change topic (stop the "
+                 "consumers first); exits once it reached the end offsets of its start.")
+    start = rp.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-beginning", action="store_true", help="from each partition's first offset")
+    start.add_argument("--from-timestamp", metavar="T", help="from the first event published at or after T: "
+                       "ISO-8601 (2026-11-27T10:00:00Z; UTC without a zone) or epoch milliseconds")
+    rp.add_argument("--instance-id", help="consumer instance name (default: replay)")
     d = command("dump", cmd_dump, "Write the MCP topic's contents as a DataHub file-sink JSON file.")
     d.add_argument("--out", required=True, metavar="FILE.json")
     command("demo-data", cmd_demo_data, "Create the demo experiments, runs and models in MLflow.")

@@ -109,6 +109,7 @@ class KafkaConfig(_Strict):
 class ProducerSettings(_Strict):
     poll_interval_seconds: float = Field(default=5.0, gt=0)
     reconcile_interval_seconds: float = Field(default=3600.0, gt=0)
+    watermark_overlap_seconds: float = Field(default=5.0, ge=0)
     page_size: int = Field(default=1000, ge=1, le=50000)
     model_version_page_size: int = Field(default=10000, ge=1, le=200000)
     max_requests_per_second: float | None = Field(default=None, gt=0)

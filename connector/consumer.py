@@ -2,9 +2,10 @@
 
 Reads the change topic with `isolation.level=read_committed`; for each batch it writes the MCPs,
 the state changes and the consumed offsets in one Kafka transaction. A malformed record goes to
-the dead-letter topic (in the same transaction) with the error in its headers. If writing fails
-(broker or schema registry unreachable), the transaction is aborted, the in-memory state is rolled
-back, and the same batch is retried with backoff: nothing is acknowledged that was not written.
+the dead-letter topic (in the same transaction) with the error in its headers, and so does an
+event whose MCP cannot be made to fit the broker's message size. If writing fails (broker or
+schema registry unreachable), the transaction is aborted, the in-memory state is rolled back, and
+the same batch is retried with backoff: nothing is acknowledged that was not written.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ from connector import codec, state_store
 from connector.config import ConnectorConfig
 from connector.events import ChangeEvent, SnapshotMarker
 from connector.mapping import to_mcps
-from connector.mcp_topic import McpSerializer
-from connector.oversize import fit_to_size
+from connector.mcp_topic import McpSerializer, RegistryUnavailable
+from connector.oversize import CannotFit, fit_to_size
 from connector.state import Decider, Entry, Outcome, PartitionState, Policy
 
 log = logging.getLogger(__name__)
+
+# Room left in a message for its key, headers and record framing (librdkafka counts them against
+# message.max.bytes, the broker against its own limit).
+RECORD_OVERHEAD_BYTES = 512
 
 
 @dataclass
@@ -89,6 +94,7 @@ class ChangeConsumer:
         self.policy = Policy(stateful.enabled, stateful.remove_stale_metadata, stateful.fail_safe_threshold)
         self.serializer = McpSerializer(k.resolved_schema_registry(), k.schema_registry_config, k.topics.mcp)
         self.max_message_bytes = cfg.consumer.max_message_bytes
+        self.registry_url = self.serializer.registry_url
         self.states: dict[int, PartitionState] = {}
         self.positions: dict[int, int] = {}
         self.stats = ConsumerStats()
@@ -99,6 +105,9 @@ class ChangeConsumer:
             "transactional.id": f"{k.transactional_id_prefix}-consumer-{self.instance_id}",
             "transaction.timeout.ms": 30000,
             "linger.ms": 20,
+            # librdkafka refuses messages over 1,000,000 bytes by default; allow what
+            # consumer.max_message_bytes allows (the MCP topic's own limit must allow it too).
+            "message.max.bytes": max(1_000_000, self.max_message_bytes + RECORD_OVERHEAD_BYTES),
             "logger": logging.getLogger("librdkafka"),
             **k.producer_config,
         })
@@ -154,6 +163,7 @@ class ChangeConsumer:
 
     def _process_batch(self, batch: list[Message], stop: threading.Event) -> None:
         delay = 1.0
+        failures = 0
         while True:
             undo = _Undo()
             stats = ConsumerStats()
@@ -171,13 +181,18 @@ class ChangeConsumer:
             except Exception as e:
                 undo.rollback(self.states)
                 self._abort(e)
+                failures += 1
                 if stop.is_set():
-                    raise
-                log.warning("consumer: batch of %d events not written (%s); retrying in %.0f s",
-                            len(batch), _short(e), delay)
+                    log.warning("consumer stopping: batch of %d events not written (%s); nothing of it was "
+                                "acknowledged, it is read again on restart", len(batch), self._describe(e))
+                    return
+                log.warning("consumer: batch of %d events not written (%s); nothing acknowledged, retry %d in %.0f s",
+                            len(batch), self._describe(e), failures, delay)
                 stop.wait(delay)
                 delay = min(delay * 2, 30.0)
                 continue
+            if failures:
+                log.info("consumer: batch of %d events written after %d failed attempts", len(batch), failures)
             self.positions.update(offsets)
             self.stats.events += stats.events
             self.stats.mcps.update(stats.mcps)
@@ -186,13 +201,27 @@ class ChangeConsumer:
             self.stats.soft_deletes += stats.soft_deletes
             return
 
+    def _describe(self, error: Exception) -> str:
+        """What failed, for people: which system, and its own words."""
+        if isinstance(error, RegistryUnavailable):
+            return str(error)
+        if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError):
+            kafka_error: KafkaError = error.args[0]
+            text = f"Kafka at {self.bootstrap}: {kafka_error.str()}"
+            if kafka_error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                text += (f" (consumer.max_message_bytes is {self.max_message_bytes}; the topic's "
+                         "max.message.bytes must allow it)")
+            return text
+        return f"{type(error).__name__}: {_short(error)}"
+
     def _abort(self, error: Exception) -> None:
-        if isinstance(error, KafkaException) and error.args and error.args[0].fatal():
+        if (isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError)
+                and error.args[0].fatal()):
             raise error
         try:
             self.producer.abort_transaction(60)
         except KafkaException as e:
-            if e.args and e.args[0].fatal():
+            if e.args and isinstance(e.args[0], KafkaError) and e.args[0].fatal():
                 raise
             log.debug("abort_transaction: %s", e)
 
@@ -204,7 +233,16 @@ class ChangeConsumer:
         try:
             event = codec.decode(msg.value())
             outcome = self._decide(event, state)
-        except (codec.DecodeError, ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # decoding and mapping are pure: what fails here is the record's fault
+            self._dead_letter(msg, e)
+            stats.dead_letters += 1
+            return
+        # Serialise (and fit) every MCP before writing any, so an event is written whole or not at
+        # all. The registry being unreachable raises RegistryUnavailable: the batch is retried.
+        try:
+            records = [self._serialize(mcp) for mcp in outcome.mcps]
+        except CannotFit as e:
+            log.error("%s", e)
             self._dead_letter(msg, e)
             stats.dead_letters += 1
             return
@@ -212,8 +250,11 @@ class ChangeConsumer:
         stats.unchanged += outcome.skipped
         for note in outcome.notes:
             log.info("%s", note)
-        for mcp in outcome.mcps:
-            self._write_mcp(mcp, stats)
+        for mcp, key, value in records:
+            self._produce(self.topics.mcp, key, value)
+            stats.mcps[str(mcp.aspectName)] += 1
+            if mcp.aspectName == "status" and getattr(mcp.aspect, "removed", False):
+                stats.soft_deletes += 1
         undo.remember(partition, state, outcome.state)
         state_store.write(self.producer, self.topics.state, partition, outcome.state)
         state.apply(outcome.state)
@@ -230,25 +271,34 @@ class ChangeConsumer:
         transformed = to_mcps(event, self.settings)
         for warning in transformed.warnings:
             log.warning("%s", warning)
-        assert transformed.entity is not None
+        if transformed.entity is None:
+            raise ValueError(f"{event['op']} event of {event['key']} carries no entity state")
         return decider.entity(event, transformed.entity)
 
-    def _write_mcp(self, mcp: MetadataChangeProposalWrapper, stats: ConsumerStats) -> None:
+    def _serialize(self, mcp: MetadataChangeProposalWrapper) -> tuple[MetadataChangeProposalWrapper, bytes, bytes]:
+        """(MCP as written, key, value); an MCP over the message size is truncated, with a warning."""
+        key = self.serializer.key(mcp)
         value = self.serializer.value(mcp)
-        if len(value) > self.max_message_bytes:
-            mcp, value, note = fit_to_size(mcp, self.serializer.value, self.max_message_bytes)
+        limit = self.max_message_bytes - len(key) - RECORD_OVERHEAD_BYTES
+        if len(value) > limit:
+            mcp, value, note = fit_to_size(mcp, self.serializer.value, limit)
             log.warning("%s", note)
-        self.producer.produce(self.topics.mcp, key=self.serializer.key(mcp), value=value)
-        stats.mcps[str(mcp.aspectName)] += 1
-        if mcp.aspectName == "status" and getattr(mcp.aspect, "removed", False):
-            stats.soft_deletes += 1
+        return mcp, key, value
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, **kwargs: object) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value, **kwargs)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self.producer.poll(0.5)
         self.producer.poll(0)
 
     def _dead_letter(self, msg: Message, error: Exception) -> None:
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
         log.warning("malformed change event at %s (%s): sent to %s", where, _short(error), self.topics.dead_letter)
-        self.producer.produce(
-            self.topics.dead_letter, key=msg.key(), value=msg.value(),
+        self._produce(
+            self.topics.dead_letter, msg.key(), msg.value(),
             headers=[("error", _short(error).encode()), ("error.type", type(error).__name__.encode()),
                      ("source.topic", msg.topic().encode()), ("source.partition", str(msg.partition()).encode()),
                      ("source.offset", str(msg.offset()).encode())],

@@ -8,10 +8,12 @@ Key: the entity URN as UTF-8. Value: Confluent wire format of DataHub's
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
-from confluent_kafka.serialization import MessageField, SerializationContext
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
 from datahub.emitter.mcp import MetadataChangeProposalWrapper
 from datahub.metadata.schema_classes import MetadataChangeProposalClass
 from datahub.metadata.schemas import getMetadataChangeProposalSchema
@@ -21,9 +23,21 @@ def _to_dict(mcp: MetadataChangeProposalWrapper | MetadataChangeProposalClass, c
     return mcp.to_obj(tuples=True)
 
 
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc)) if parts.username or parts.password else url
+
+
+class RegistryUnavailable(Exception):
+    """The schema registry did not answer, or refused the MCP schema: nothing can be written."""
+
+
 class McpSerializer:
     def __init__(self, registry_url: str, registry_config: dict[str, Any], topic: str) -> None:
         self.topic = topic
+        self.registry_url = _without_credentials(registry_url)  # for messages
         client = SchemaRegistryClient({"url": registry_url, **registry_config})
         self._avro = AvroSerializer(
             schema_str=getMetadataChangeProposalSchema(), schema_registry_client=client, to_dict=_to_dict
@@ -35,7 +49,18 @@ class McpSerializer:
         return str(mcp.entityUrn).encode("utf-8")
 
     def value(self, mcp: MetadataChangeProposalWrapper | MetadataChangeProposalClass) -> bytes:
-        data = self._avro(mcp, self._ctx)
+        """Confluent wire format; the schema is registered (once, then cached) on first use.
+        Raises RegistryUnavailable when the registry cannot be reached or refuses the schema."""
+        try:
+            data = self._avro(mcp, self._ctx)
+        except SerializationError:
+            raise
+        except SchemaRegistryError as e:
+            raise RegistryUnavailable(
+                f"schema registry at {self.registry_url} refused subject {self.topic}-value: {e}") from e
+        except Exception as e:  # the registry client's transport errors: refused, timeout, DNS
+            raise RegistryUnavailable(
+                f"schema registry at {self.registry_url} unreachable: {str(e).strip() or type(e).__name__}") from e
         assert data is not None
         return data
 

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -90,6 +91,7 @@ class MlflowReader:
         self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
         self.limiter = RateLimiter(settings.max_requests_per_second)
         self.requests = 0
+        self.requests_by_call: Counter[str] = Counter()
 
     # -- the retry loop --------------------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class MlflowReader:
         while True:
             self.limiter.wait()
             self.requests += 1
+            self.requests_by_call[what] += 1
             try:
                 result = fn(*args, **kwargs)
                 if attempt:
@@ -160,9 +163,11 @@ class MlflowReader:
                 found.extend(page)
         return found
 
-    def registered_models(self, order_by: list[str] | None = None) -> Iterator[list[RegisteredModel]]:
+    def registered_models(self, filter_string: str | None = None,
+                          order_by: list[str] | None = None) -> Iterator[list[RegisteredModel]]:
         return self._pages("search_registered_models", self.client.search_registered_models,
-                           max_results=min(self.settings.page_size, 1000), order_by=order_by)
+                           filter_string=filter_string, max_results=min(self.settings.page_size, 1000),
+                           order_by=order_by)
 
     def model_versions(self, filter_string: str | None = None,
                        order_by: list[str] | None = None) -> Iterator[list[ModelVersion]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,7 @@ from connector import codec
 from connector.changes import entity_changed, entity_deleted, fingerprint, snapshot_marker, source_block
 from connector.config import ConnectorConfig
 from connector.events import ChangeEvent, Entity, EntityKind, kind_of_key
+from connector.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
 from connector.listing import full_listing
 from connector.mlflow_reader import MlflowReader, MlflowUnavailable
 from connector.topics import admin, partition_count
@@ -110,7 +112,10 @@ class ChangeProducer:
         })
         self.producer.init_transactions(60)
         self.position = Position()
-        self.published: dict[str, str] = {}  # key -> fingerprint of the last published state
+        self.known = Known()
+        self.published = self.known.fingerprints  # key -> fingerprint of the last published state
+        self.experiment_names: dict[str, str] = {}
+        self.refresh_requests: queue.Queue[str] = queue.Queue()  # registered model names (webhooks)
         self._end_offsets: dict[int, int] = {}
         self._restore()
 
@@ -128,12 +133,7 @@ class ChangeProducer:
                 event = codec.decode(msg.value())
             except codec.DecodeError:
                 continue
-            if event["kind"] == "SNAPSHOT":
-                continue
-            if event["op"] == "DELETE":
-                self.published.pop(event["key"], None)
-            else:
-                self.published[event["key"]] = fingerprint(event["after"])  # type: ignore[arg-type]
+            self._remember(event)
         log.info("producer position restored: snapshot %d, %d entities published (%d events read in %.1f s)",
                  self.position.snapshot_seq, len(self.published), events, time.monotonic() - started)
 
@@ -181,14 +181,17 @@ class ChangeProducer:
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
         for event, _ in batch:
-            if event["kind"] == "SNAPSHOT":
-                continue
-            if event["op"] == "DELETE":
-                self.published.pop(event["key"], None)
-            else:
-                self.published[event["key"]] = fingerprint(event["after"])  # type: ignore[arg-type]
+            self._remember(event)
         if position is not None:
             self.position = position
+
+    def _remember(self, event: ChangeEvent) -> None:
+        if event["kind"] == "SNAPSHOT":
+            return
+        self.known.remember(event["kind"], event["key"], event["after"])  # type: ignore[arg-type]
+        if event["kind"] == "EXPERIMENT" and event["after"] is not None:
+            after = event["after"]
+            self.experiment_names[after["experiment_id"]] = after["name"]  # type: ignore[typeddict-item]
 
     def _markers(self, op: str, snapshot_id: str, read_at: int, complete: bool = False,
                  entities: int = 0) -> list[tuple[ChangeEvent, int | None]]:
@@ -212,8 +215,10 @@ class ChangeProducer:
         log.info("snapshot %s started", snapshot_id)
         seen: set[str] = set()
         batch: list[tuple[ChangeEvent, int | None]] = []
+        marks = Watermarks()
         try:
             for kind, entity in full_listing(self.reader):
+                marks = marks.advanced(_watermark_of(kind, entity))
                 if stop is not None and stop.is_set():
                     raise InterruptedError("stopped")
                 event = entity_changed("READ", kind, entity,
@@ -235,8 +240,11 @@ class ChangeProducer:
             deletes = self._deletes(seen, snapshot_id, summary)
         total = sum(summary.entities.values())
         final = batch + deletes + self._markers("SNAPSHOT_END", snapshot_id, now_ms(), summary.complete, total)
+        watermarks = Watermarks.from_dict(self.position.watermarks)
+        if summary.complete:
+            watermarks = watermarks.advanced(marks)
         position = Position(seq, started if summary.complete else self.position.last_snapshot_ms,
-                            self.position.watermarks)
+                            watermarks.to_dict())
         self._commit(final, position)
         summary.events += len(batch) + len(deletes)
         summary.deletes = len(deletes)
@@ -264,10 +272,16 @@ class ChangeProducer:
 
     # -- change cycles ---------------------------------------------------------------------------
 
-    def publish_changes(self, entities: Iterable[tuple[EntityKind, Entity]]) -> int:
-        """Publish the entities whose state differs from what was last published."""
+    def publish_changes(self, entities: Iterable[tuple[EntityKind, Entity]], deleted_keys: Iterable[str] = (),
+                        position: Position | None = None) -> int:
+        """Publish the entities whose state differs from what was last published, and the DELETE of
+        published keys that are gone; the new position (if any) commits with the last batch."""
         batch: list[tuple[ChangeEvent, int | None]] = []
         count = 0
+        source = source_block(self.tracking_uri, self.registry_uri, now_ms())
+        for key in deleted_keys:
+            if key in self.published:
+                batch.append((entity_deleted(key, kind_of_key(key), source, now_ms()), None))
         for kind, entity in entities:
             event = entity_changed("UPDATE", kind, entity,
                                    source_block(self.tracking_uri, self.registry_uri, now_ms()), now_ms())
@@ -281,17 +295,47 @@ class ChangeProducer:
                 self._commit(batch)
                 count += len(batch)
                 batch = []
-        if batch:
-            self._commit(batch)
+        if batch or position is not None:
+            self._commit(batch, position)
             count += len(batch)
         return count
+
+    def cycle(self) -> int:
+        """One incremental cycle: what changed since the watermarks, published with the new ones."""
+        marks = Watermarks.from_dict(self.position.watermarks)
+        changes = read_changes(self.reader, marks, self.known,
+                               int(self.cfg.producer.watermark_overlap_seconds * 1000))
+        position = Position(self.position.snapshot_seq, self.position.last_snapshot_ms,
+                            marks.advanced(changes.watermarks).to_dict())
+        return self._publish(changes, position)
+
+    def refresh_model(self, names: Iterable[str]) -> int:
+        """Targeted reads of registered models a webhook named; published like any change."""
+        changes = ChangeSet()
+        for name in sorted(set(names)):
+            one = read_model(self.reader, self.known, self.experiment_names, name)
+            changes.entities += one.entities
+            changes.deleted_keys += one.deleted_keys
+        return self._publish(changes, None)
+
+    def _publish(self, changes: ChangeSet, position: Position | None) -> int:
+        published = self.publish_changes(changes.entities, changes.deleted_keys, position)
+        if published:
+            kinds: dict[str, int] = {}
+            for kind, _ in changes.entities:
+                kinds[kind] = kinds.get(kind, 0) + 1
+            log.info("published %d changed entities (of %d read: %s; %d gone)", published,
+                     len(changes.entities), ", ".join(f"{n} {k.lower()}" for k, n in sorted(kinds.items())),
+                     len([k for k in changes.deleted_keys if k]))
+        return published
 
     def snapshot_due(self) -> bool:
         last = self.position.last_snapshot_ms
         return last is None or now_ms() - last >= self.cfg.producer.reconcile_interval_seconds * 1000
 
     def run(self, stop: threading.Event) -> None:
-        """Until stopped: a complete snapshot when one is due, else publish what changed."""
+        """Until stopped: a complete snapshot when one is due, else an incremental cycle; between
+        cycles, targeted reads of what webhooks report, as they arrive."""
         log.info("producer reading %s every %.0f s (complete snapshot every %.0f s) into %s",
                  self.tracking_uri, self.cfg.producer.poll_interval_seconds,
                  self.cfg.producer.reconcile_interval_seconds, self.topics.changes)
@@ -300,12 +344,31 @@ class ChangeProducer:
                 if self.snapshot_due():
                     self.snapshot(stop)
                 else:
-                    changed = self.publish_changes(full_listing(self.reader))
-                    if changed:
-                        log.info("published %d changed entities", changed)
+                    self.cycle()
             except MlflowUnavailable as e:
                 log.warning("producer: %s; next attempt in %.0f s", e, self.cfg.producer.poll_interval_seconds)
-            stop.wait(self.cfg.producer.poll_interval_seconds)
+            deadline = time.monotonic() + self.cfg.producer.poll_interval_seconds
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    names = [self.refresh_requests.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))]
+                except queue.Empty:
+                    continue
+                while not self.refresh_requests.empty():
+                    names.append(self.refresh_requests.get_nowait())
+                try:
+                    self.refresh_model(names)
+                except MlflowUnavailable as e:
+                    log.warning("producer: targeted read of %s failed (%s); the next cycle covers it", names, e)
 
     def close(self) -> None:
         self.producer.flush(30)
+
+
+def _watermark_of(kind: EntityKind, entity: Entity) -> Watermarks:
+    if kind == "EXPERIMENT":
+        return Watermarks(experiments=entity["last_update_time"])  # type: ignore[typeddict-item]
+    if kind == "REGISTERED_MODEL":
+        return Watermarks(registered_models=entity["last_updated_timestamp"])  # type: ignore[typeddict-item]
+    if kind == "MODEL_VERSION":
+        return Watermarks(model_versions=entity["last_updated_timestamp"])  # type: ignore[typeddict-item]
+    return Watermarks(runs=entity["start_time"])  # type: ignore[typeddict-item]

@@ -5,12 +5,19 @@ For every URN the connector wrote, the state holds the fingerprint of each aspec
 (so an unchanged aspect is not written again), the change key that owns it (for the entity's
 primary URN; shared URNs such as stage tags, users and datasets have no owner and are never
 soft-deleted), the last complete snapshot that saw it, and whether it is soft-deleted.
+
+Soft deletes decided here (an entity gone from MLflow, a renamed experiment's old URN, an entity
+a complete snapshot did not see) write `status {removed: true}` (plus what depends on the entity,
+see `mapping.removal_mcps`) and a tombstone for the URN's state. An experiment or run that MLflow
+itself marks deleted is not a deletion decided here: its `status` mirrors MLflow's lifecycle stage
+(`removed` in the state), whatever `stateful_ingestion` says.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from datahub.emitter.mcp import MetadataChangeProposalWrapper
@@ -39,16 +46,56 @@ class Entry:
                      removed=bool(d.get("removed")))
 
 
+class Entries(dict[str, Entry]):
+    """URN -> entry, with an index of the URNs each owner (change key) ever had, so that finding
+    what a key owns does not scan the whole partition for every event. The index may hold URNs
+    that were removed or re-owned since: lookups check the entry itself."""
+
+    def __init__(self, items: Mapping[str, Entry] | Iterable[tuple[str, Entry]] = ()) -> None:
+        super().__init__()
+        self.by_owner: dict[str, dict[str, None]] = {}
+        self.update(items)
+
+    def __setitem__(self, urn: str, entry: Entry) -> None:
+        super().__setitem__(urn, entry)
+        if entry.owner:
+            self.by_owner.setdefault(entry.owner, {})[urn] = None
+
+    def update(self, *args: object, **kwargs: Entry) -> None:  # type: ignore[override]
+        for urn, entry in dict(*args, **kwargs).items():  # type: ignore[call-overload]
+            self[urn] = entry
+
+    def setdefault(self, urn: str, default: Entry) -> Entry:  # type: ignore[override]
+        if urn not in self:
+            self[urn] = default
+        return self[urn]
+
+    def owned_by(self, owner: str) -> list[str]:
+        urns = self.by_owner.get(owner)
+        if not urns:
+            return []
+        live = [urn for urn in urns if (e := self.get(urn)) is not None and e.owner == owner]
+        if len(live) != len(urns):
+            self.by_owner[owner] = dict.fromkeys(live)
+        return live
+
+
 @dataclass
 class PartitionState:
     """State of one partition. `open_snapshot` is the snapshot whose BEGIN marker was read and
     whose END marker was not yet."""
 
-    entries: dict[str, Entry] = field(default_factory=dict)
+    entries: dict[str, Entry] = field(default_factory=Entries)
     open_snapshot: str | None = None
 
-    def owned_by(self, owner: str) -> list[str]:
-        return [urn for urn, e in self.entries.items() if e.owner == owner and not e.removed]
+    def __post_init__(self) -> None:
+        if not isinstance(self.entries, Entries):
+            self.entries = Entries(self.entries)
+
+    def owned_by(self, owner: str, removed: bool = False) -> list[str]:
+        """The URNs a change key owns that are live (or, with removed=True, soft-deleted)."""
+        assert isinstance(self.entries, Entries)
+        return [urn for urn in self.entries.owned_by(owner) if self.entries[urn].removed == removed]
 
     def apply(self, changes: dict[str, Entry | None]) -> None:
         for urn, entry in changes.items():
@@ -71,6 +118,10 @@ class Policy:
     @property
     def deletes(self) -> bool:
         return self.enabled and self.remove_stale_metadata
+
+    def why_no_deletes(self) -> str:
+        return ("stateful_ingestion.enabled is false" if not self.enabled
+                else "stateful_ingestion.remove_stale_metadata is false")
 
 
 @dataclass
@@ -108,6 +159,11 @@ class Decider:
             outcome.mcps.append(mcp)
         outcome.state[urn] = None
 
+    def _forget(self, urns: Iterable[str], outcome: Outcome) -> None:
+        """Drop the state of URNs that are already soft-deleted in DataHub (no MCP needed)."""
+        for urn in urns:
+            outcome.state[urn] = None
+
     def entity(self, event: ChangeEvent, entity: EntityMcps) -> Outcome:
         """An entity's new state: write the aspects that changed, own its primary URN, and
         soft-delete a primary URN the key owned before but no longer maps to (a renamed
@@ -128,22 +184,32 @@ class Decider:
                 removed = current.aspects.get("status") == aspect_fingerprint(removal_mcp(urn))
                 current = replace(current, owner=key, seen=open_snapshot or current.seen, removed=removed)
             outcome.state[urn] = current
+        # Only what changed goes to the state topic (shared URNs such as the stage tags are part of
+        # many events and usually unchanged).
+        for urn in [u for u, e in outcome.state.items() if e == self.partition.entries.get(u)]:
+            del outcome.state[urn]
         if self.policy.deletes:
-            for urn in self.partition.owned_by(key):
-                if urn != entity.primary_urn:
-                    outcome.notes.append(f"{key} no longer maps to {urn}: soft-deleted")
-                    self._soft_delete(urn, entity.mcps[0] if entity.mcps else None, outcome)
+            previous = [u for u in self.partition.owned_by(key) if u != entity.primary_urn]
+            for urn in previous:
+                outcome.notes.append(f"{key} no longer maps to {urn}: soft-deleted")
+                self._soft_delete(urn, entity.mcps[0] if entity.mcps else None, outcome)
+            self._forget([u for u in self.partition.owned_by(key, removed=True) if u != entity.primary_urn],
+                         outcome)
         return outcome
 
     def deleted(self, event: ChangeEvent) -> Outcome:
         """The entity is gone from MLflow: soft-delete what its key owns."""
         outcome = Outcome()
+        key = event["key"]
         if not self.policy.deletes:
-            outcome.notes.append(f"{event['key']} is gone from MLflow; stateful_ingestion is off, nothing deleted")
+            if self.partition.owned_by(key):
+                outcome.notes.append(f"{key} is gone from MLflow; {self.policy.why_no_deletes()}: nothing deleted")
             return outcome
-        for urn in self.partition.owned_by(event["key"]):
-            outcome.notes.append(f"{event['key']} is gone from MLflow: {urn} soft-deleted")
+        for urn in self.partition.owned_by(key):
+            outcome.notes.append(f"{key} is gone from MLflow: {urn} soft-deleted")
             self._soft_delete(urn, None, outcome)
+        # Already soft-deleted (an experiment or run MLflow marked deleted, then purged): forget it.
+        self._forget(self.partition.owned_by(key, removed=True), outcome)
         return outcome
 
     def snapshot_begin(self, snapshot_id: str) -> Outcome:
@@ -151,7 +217,8 @@ class Decider:
 
     def snapshot_end(self, snapshot_id: str, complete: bool) -> Outcome:
         """Soft-delete the entities this partition knows that the snapshot did not see, unless the
-        snapshot is incomplete or not the one this partition saw begin, or too much would go."""
+        snapshot is incomplete or not the one this partition saw begin, or more than
+        fail_safe_threshold percent of the live entities would go."""
         outcome = Outcome(state={SNAPSHOT_KEY: None})
         if self.partition.open_snapshot != snapshot_id:
             outcome.notes.append(f"snapshot {snapshot_id} ended without its beginning in this partition: "
@@ -162,17 +229,19 @@ class Decider:
             return outcome
         if not self.policy.deletes:
             return outcome
-        known = {urn: e for urn, e in self.partition.entries.items() if e.owner and not e.removed}
+        owned = {urn: e for urn, e in self.partition.entries.items() if e.owner}
+        known = {urn: e for urn, e in owned.items() if not e.removed}
         stale = sorted(urn for urn, e in known.items() if e.seen != snapshot_id)
-        if not stale:
-            return outcome
-        percent = 100.0 * len(stale) / len(known)
-        if percent > self.policy.fail_safe_threshold:
-            outcome.notes.append(
-                f"snapshot {snapshot_id}: {len(stale)} of {len(known)} entities ({percent:.0f}%) would be "
-                f"soft-deleted, above fail_safe_threshold {self.policy.fail_safe_threshold:.0f}%: nothing deleted")
-            return outcome
+        if stale:
+            percent = 100.0 * len(stale) / len(known)
+            if percent > self.policy.fail_safe_threshold:
+                outcome.notes.append(
+                    f"snapshot {snapshot_id}: {len(stale)} of {len(known)} entities ({percent:.0f}%) would be "
+                    f"soft-deleted, more than fail_safe_threshold {self.policy.fail_safe_threshold:g}%: "
+                    "nothing deleted")
+                return outcome
         for urn in stale:
             outcome.notes.append(f"snapshot {snapshot_id} did not see {known[urn].owner}: {urn} soft-deleted")
             self._soft_delete(urn, None, outcome)
+        self._forget(sorted(urn for urn, e in owned.items() if e.removed and e.seen != snapshot_id), outcome)
         return outcome

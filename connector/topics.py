@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from connector.config import ConfigError, ConnectorConfig
 
@@ -82,6 +82,8 @@ def ensure_topics(cfg: ConnectorConfig, timeout: float = 15.0) -> dict[str, int]
             except KafkaException as e:
                 if "TOPIC_ALREADY_EXISTS" not in str(e):
                     raise
+    for warning in setting_warnings(client, cfg, timeout):
+        log.warning("%s", warning)
     counts = {s.name: partition_count(client, s.name, timeout) for s in specs(cfg)}
     t = cfg.kafka.topics
     if counts[t.state] != counts[t.changes]:
@@ -89,3 +91,47 @@ def ensure_topics(cfg: ConnectorConfig, timeout: float = 15.0) -> dict[str, int]
             f"kafka.topics.state: {t.state} has {counts[t.state]} partitions but {t.changes} has "
             f"{counts[t.changes]}; the state topic must be co-partitioned with the change topic")
     return counts
+
+
+def hazards(role: str, name: str, config: dict[str, str]) -> list[str]:
+    """What in a topic's settings breaks replay (role "changes") or the consumer's and producer's
+    memory (roles "state" and "producer_offsets"). Pure: settings in, one sentence per hazard out."""
+    policy = {p.strip() for p in config.get("cleanup.policy", "delete").split(",")}
+    retention = config.get("retention.ms", "604800000")
+    out = []
+    if role == "changes":
+        if "compact" not in policy:
+            out.append(f"topic {name}: cleanup.policy={config.get('cleanup.policy')} breaks replay: events older "
+                       f"than retention.ms={retention} are deleted, so a replay from the beginning misses every "
+                       "entity that did not change since (set cleanup.policy=compact)")
+        elif "delete" in policy and retention != "-1":
+            out.append(f"topic {name}: cleanup.policy={config.get('cleanup.policy')} with retention.ms={retention} "
+                       "breaks replay: the latest event of an unchanged entity is deleted too "
+                       "(set cleanup.policy=compact)")
+        lag = config.get("min.compaction.lag.ms", "0")
+        if "compact" in policy and lag.lstrip("-").isdigit() and int(lag) < WEEK_MS:
+            out.append(f"topic {name}: min.compaction.lag.ms={lag} limits replay --from-timestamp: compaction may "
+                       f"drop the history it needs after {int(lag) / 3600000:.1f} h (set {WEEK_MS} for a week)")
+    elif "compact" not in policy or ("delete" in policy and retention != "-1"):
+        what = "what the consumer wrote and which URNs exist" if role == "state" else "the producer's position"
+        out.append(f"topic {name}: cleanup.policy={config.get('cleanup.policy')} with retention.ms={retention} "
+                   f"loses {what} (set cleanup.policy=compact)")
+    return out
+
+
+def setting_warnings(client: AdminClient, cfg: ConnectorConfig, timeout: float = 15.0) -> list[str]:
+    """Hazards in the current settings of the change, state and producer-offsets topics (they may
+    have been created by someone else, or changed since)."""
+    t = cfg.kafka.topics
+    roles = {t.changes: "changes", t.state: "state", t.producer_offsets: "producer_offsets"}
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in roles]
+    out = []
+    for resource, future in client.describe_configs(resources, request_timeout=timeout).items():
+        try:
+            entries = future.result()
+        except KafkaException as e:
+            log.debug("describe_configs %s: %s", resource.name, e)
+            continue
+        config = {k: str(v.value) for k, v in entries.items() if v.value is not None}
+        out += hazards(roles[resource.name], resource.name, config)
+    return out

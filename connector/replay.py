@@ -1,0 +1,384 @@
+"""Replay: rewind the consumer group and reprocess the change topic (docs/operations.md, "Replay").
+
+The consumer's decisions depend on its state (which aspects it already wrote, which URNs each
+change key owns, which snapshot saw them). A replay from offset S must decide exactly as the
+original consumer did at S, so the state is rebuilt *as of S* from the change topic itself: the
+events before S are run through the same pure decisions with their MCPs discarded, and the
+state topic is rewritten to that state in one Kafka transaction. Then the group's offsets are set
+to S with the admin API and an ordinary `ChangeConsumer` reprocesses from S to the end offsets
+captured when the replay started.
+
+- `--from-beginning`: S is each partition's low watermark; the state starts empty, so every
+  aspect of every event is written again (into an empty MCP topic: the original's final state).
+- `--from-timestamp T`: S is the first offset whose record timestamp is at or after T (the end of
+  the partition if there is none); the MCPs the original wrote after T are written again, soft
+  deletes of entities created before T included.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from connector import codec, state_store
+from connector.config import ConnectorConfig
+from connector.consumer import ChangeConsumer
+from connector.events import ChangeEvent, SnapshotMarker
+from connector.mapping import MappingSettings, to_mcps
+from connector.state import SNAPSHOT_KEY, Decider, Entry, Outcome, PartitionState, Policy
+from connector.topics import admin, partition_count
+
+log = logging.getLogger(__name__)
+
+FROM_TIMESTAMP = "--from-timestamp"
+
+
+class ReplayError(Exception):
+    """An expected reason not to replay (or to stop): one line for the operator."""
+
+
+# -- the --from-timestamp argument ----------------------------------------------------------------
+
+
+def parse_timestamp(text: str, now_ms: int | None = None) -> int:
+    """ISO-8601 (`2026-11-27T10:00:00Z`; without a zone: UTC) or epoch milliseconds -> epoch ms."""
+    value = text.strip()
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    if value.isdigit():
+        ms = int(value)
+        if ms < 100_000_000_000:  # before 1973 in ms: almost certainly seconds
+            raise ReplayError(f"{FROM_TIMESTAMP} {text}: looks like epoch seconds; give epoch milliseconds "
+                              f"({ms * 1000}) or an ISO-8601 time")
+    else:
+        iso = value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value
+        try:
+            parsed = datetime.fromisoformat(iso)
+        except ValueError:
+            raise ReplayError(f"{FROM_TIMESTAMP} {text!r}: not an ISO-8601 time (like 2026-11-27T10:00:00Z) "
+                              "nor epoch milliseconds") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        ms = int(parsed.timestamp() * 1000)
+    if ms > now:
+        raise ReplayError(f"{FROM_TIMESTAMP} {text}: {_iso(ms)} is in the future; nothing would be replayed")
+    return ms
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+# -- offsets and group ----------------------------------------------------------------------------
+
+
+def active_members(client: AdminClient, group: str, timeout: float = 30.0) -> int:
+    description = client.describe_consumer_groups([group], request_timeout=timeout)[group].result()
+    return len(description.members)
+
+
+def refuse_if_active(client: AdminClient, group: str) -> None:
+    members = active_members(client, group)
+    if members:
+        raise ReplayError(f"stop the consumers of group {group} first ({members} "
+                          f"{'member' if members == 1 else 'members'} active)")
+
+
+def _list_offsets(client: AdminClient, topic: str, partitions: int, spec: OffsetSpec,
+                  timeout: float = 30.0) -> dict[int, int]:
+    futures = client.list_offsets({TopicPartition(topic, p): spec for p in range(partitions)},
+                                  isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout)
+    return {tp.partition: f.result().offset for tp, f in futures.items()}
+
+
+@dataclass
+class Plan:
+    """Per partition of the change topic: low watermark, replay start, end (last stable offset)."""
+
+    lows: dict[int, int]
+    starts: dict[int, int]
+    ends: dict[int, int]
+
+    def pending(self) -> dict[int, int]:
+        """Partitions with something to reprocess -> the offset to reach."""
+        return {p: end for p, end in self.ends.items() if self.starts[p] < end}
+
+
+def committed(client: AdminClient, group: str, topic: str, partitions: int, timeout: float = 30.0
+              ) -> dict[int, int]:
+    """The group's committed offsets on the topic (partitions without one are left out)."""
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in range(partitions)])
+    result = client.list_consumer_group_offsets([request], request_timeout=timeout)[group].result()
+    return {tp.partition: tp.offset for tp in result.topic_partitions if tp.error is None and tp.offset >= 0}
+
+
+def plan(client: AdminClient, group: str, topic: str, since_ms: int | None) -> Plan:
+    partitions = partition_count(client, topic)
+    lows = _list_offsets(client, topic, partitions, OffsetSpec.earliest())
+    ends = _list_offsets(client, topic, partitions, OffsetSpec.latest())
+    if since_ms is None:
+        return Plan(lows, dict(lows), ends)
+    found = _list_offsets(client, topic, partitions, OffsetSpec.for_timestamp(since_ms))
+    starts = {p: found[p] if found[p] >= 0 else ends[p] for p in range(partitions)}
+    # Never skip what the group has not consumed yet (a partition without a committed offset: from
+    # its beginning, as a consumer would start): a rewind past it would leave those events in the
+    # state but never in DataHub.
+    consumed = committed(client, group, topic, partitions)
+    for p in range(partitions):
+        offset = consumed.get(p, lows[p])
+        if max(offset, lows[p]) < starts[p]:
+            log.info("%s[%d]: group %s has consumed only up to offset %d, before the first event at or after the "
+                     "timestamp (%d): replaying from %d", topic, p, group, offset, starts[p], max(offset, lows[p]))
+            starts[p] = max(offset, lows[p])
+    return Plan(lows, starts, ends)
+
+
+def rewind(client: AdminClient, group: str, topic: str, starts: dict[int, int], timeout: float = 30.0) -> None:
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p, o) for p, o in sorted(starts.items())])
+    future = client.alter_consumer_group_offsets([request], request_timeout=timeout)[group]
+    try:
+        result = future.result()
+    except KafkaException as e:
+        raise ReplayError(f"offsets of group {group} not changed: {e.args[0].str() if e.args else e} "
+                          "(a consumer of the group still running?)") from None
+    for tp in result.topic_partitions:
+        if tp.error is not None:
+            raise ReplayError(f"offset of group {group} on {topic}[{tp.partition}] not changed: {tp.error.str()}")
+
+
+# -- state as of the replay start -----------------------------------------------------------------
+
+
+def decide(event: ChangeEvent, state: PartitionState, policy: Policy, settings: MappingSettings) -> Outcome:
+    """The consumer's decision for one event (ChangeConsumer._decide, without its logging)."""
+    decider = Decider(state, policy)
+    if event["kind"] == "SNAPSHOT":
+        marker: SnapshotMarker = event["after"]  # type: ignore[assignment]
+        if event["op"] == "SNAPSHOT_BEGIN":
+            return decider.snapshot_begin(marker["snapshot_id"])
+        return decider.snapshot_end(marker["snapshot_id"], marker["complete"])
+    if event["op"] == "DELETE":
+        return decider.deleted(event)
+    transformed = to_mcps(event, settings)
+    if transformed.entity is None:
+        raise ValueError("event maps to no entity")
+    return decider.entity(event, transformed.entity)
+
+
+def state_before(cfg: ConnectorConfig, lows: dict[int, int], starts: dict[int, int],
+                 stop: threading.Event | None = None, stall_seconds: float = 120.0) -> dict[int, PartitionState]:
+    """The consumer's state just before each partition's start offset, derived from the events
+    between the low watermark and the start (read committed), as the consumer derived it."""
+    k = cfg.kafka
+    topic = k.topics.changes
+    stateful = cfg.stateful
+    policy = Policy(stateful.enabled, stateful.remove_stale_metadata, stateful.fail_safe_threshold)
+    settings = cfg.mapping_settings()
+    states = {p: PartitionState() for p in starts}
+    todo = {p: s for p, s in starts.items() if s > lows[p]}
+    if not todo:
+        return states
+    reader = Consumer({
+        "bootstrap.servers": k.resolved_bootstrap(),
+        "group.id": f"{k.consumer_group}-replay-state",  # assign() only, never commits
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+        "logger": logging.getLogger("librdkafka"),
+        **{key: v for key, v in k.consumer_config.items() if key.startswith(("security.", "sasl.", "ssl."))},
+    })
+    started = time.monotonic()
+    events = skipped = 0
+    try:
+        for p, start in sorted(todo.items()):
+            reader.assign([TopicPartition(topic, p, lows[p])])
+            progress = time.monotonic()
+            position = lows[p]
+            while position < start:
+                if stop is not None and stop.is_set():
+                    raise ReplayError("replay interrupted while rebuilding the state")
+                for msg in reader.consume(1000, timeout=0.5):
+                    if msg.error():
+                        if msg.error().code() == KafkaError._PARTITION_EOF:
+                            continue
+                        raise KafkaException(msg.error())
+                    if msg.offset() >= start:
+                        continue
+                    try:
+                        outcome = decide(codec.decode(msg.value()), states[p], policy, settings)
+                    except (codec.DecodeError, ValueError, KeyError, TypeError):
+                        skipped += 1  # the consumer sent it to the dead-letter topic
+                        continue
+                    states[p].apply(outcome.state)
+                    events += 1
+                now = reader.position([TopicPartition(topic, p)])[0].offset
+                if now > position:
+                    position, progress = now, time.monotonic()
+                elif time.monotonic() - progress > stall_seconds:
+                    raise ReplayError(f"{topic}[{p}] not readable up to offset {start} (stuck at {position} "
+                                      f"for {stall_seconds:.0f} s)")
+            reader.unassign()
+    finally:
+        reader.close()
+    known = sum(len(s.entries) for s in states.values())
+    log.info("state as of the replay start derived from %d earlier events (%d malformed skipped) in %.1f s: "
+             "%d URNs known", events, skipped, time.monotonic() - started, known)
+    return states
+
+
+def rewrite_state(cfg: ConnectorConfig, states: dict[int, PartitionState]) -> tuple[int, int]:
+    """Make the state topic hold exactly `states`, in one transaction. Returns (written, removed)."""
+    k = cfg.kafka
+    security = {key: v for key, v in k.consumer_config.items() if key.startswith(("security.", "sasl.", "ssl."))}
+    current = state_store.restore(k.resolved_bootstrap(), k.topics.state, sorted(states), security)
+    changes: dict[int, dict[str, Entry | None]] = {}
+    written = removed = 0
+    for p, target in states.items():
+        have = current.get(p, PartitionState())
+        delta: dict[str, Entry | None] = {}
+        for urn in have.entries.keys() - target.entries.keys():
+            delta[urn] = None
+        for urn, entry in target.entries.items():
+            if have.entries.get(urn) != entry:
+                delta[urn] = entry
+        if have.open_snapshot != target.open_snapshot:
+            delta[SNAPSHOT_KEY] = Entry(seen=target.open_snapshot) if target.open_snapshot else None
+        removed += sum(1 for v in delta.values() if v is None)
+        written += sum(1 for v in delta.values() if v is not None)
+        changes[p] = delta
+    if not written and not removed:
+        log.info("state topic %s already holds the state as of the replay start", k.topics.state)
+        return 0, 0
+    producer = Producer({
+        "bootstrap.servers": k.resolved_bootstrap(),
+        "transactional.id": f"{k.transactional_id_prefix}-replay",
+        "transaction.timeout.ms": 300000,
+        "linger.ms": 20,
+        "logger": logging.getLogger("librdkafka"),
+        **k.producer_config,
+    })
+    producer.init_transactions(60)
+    producer.begin_transaction()
+    try:
+        for p, delta in changes.items():
+            for urn, entry in delta.items():
+                value = entry.to_json() if entry is not None else None
+                while True:
+                    try:
+                        producer.produce(k.topics.state, key=urn.encode(), value=value, partition=p)
+                        break
+                    except BufferError:
+                        producer.poll(0.5)
+        producer.commit_transaction(300)
+    except KafkaException:
+        try:
+            producer.abort_transaction(60)
+        except KafkaException as e:
+            log.debug("abort_transaction: %s", e)
+        raise
+    log.info("state topic %s rewritten to the state as of the replay start: %d entries written, %d removed",
+             k.topics.state, written, removed)
+    return written, removed
+
+
+# -- the replay -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplaySummary:
+    group: str
+    topic: str
+    mcp_topic: str
+    since_ms: int | None
+    plan: Plan
+    events: int = 0
+    mcps: Counter[str] = field(default_factory=Counter)
+    unchanged: int = 0
+    soft_deletes: int = 0
+    dead_letters: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        origin = "the beginning" if self.since_ms is None else f"{_iso(self.since_ms)} ({self.since_ms})"
+        out = [f"replay of {self.topic} from {origin} for group {self.group}: complete",
+               f"  events reprocessed: {self.events}",
+               f"  MCPs acknowledged on {self.mcp_topic}: {sum(self.mcps.values())} "
+               f"(unchanged aspects skipped: {self.unchanged}, soft deletes: {self.soft_deletes}, "
+               f"dead letters: {self.dead_letters})"]
+        out += [f"    {aspect:32} {count}" for aspect, count in sorted(self.mcps.items())]
+        out.append(f"  seconds: {self.seconds:.1f}")
+        return out
+
+
+def replay(cfg: ConnectorConfig, since_ms: int | None, stop: threading.Event,
+           instance_id: str | None = None, member_check_seconds: float = 15.0) -> ReplaySummary:
+    """Rewind the group to the start (beginning or `since_ms`), put the state topic in the state as of
+    that start, and reprocess up to the end offsets of now. The group must have no active member."""
+    started = time.monotonic()
+    k = cfg.kafka
+    topic, group = k.topics.changes, k.consumer_group
+    client = admin(cfg)
+    refuse_if_active(client, group)
+    where = plan(client, group, topic, since_ms)
+    summary = ReplaySummary(group, topic, k.topics.mcp, since_ms, where)
+    for p in sorted(where.starts):
+        start, end = where.starts[p], where.ends[p]
+        log.info("%s[%d]: replay from offset %d to %d (low watermark %d)%s", topic, p, start, end, where.lows[p],
+                 "" if start < end else ": nothing to replay")
+    pending = where.pending()
+    if not pending:
+        log.info("nothing to replay on %s", topic)
+        summary.seconds = time.monotonic() - started
+        return summary
+    rewrite_state(cfg, state_before(cfg, where.lows, where.starts, stop))
+    refuse_if_active(client, group)
+    rewind(client, group, topic, where.starts)
+    log.info("group %s rewound on %s; reprocessing %d partitions", group, topic, len(pending))
+
+    joined: list[int] = []
+    last_check = [time.monotonic()]
+
+    def done(consumer: ChangeConsumer) -> bool:
+        if time.monotonic() - last_check[0] >= member_check_seconds:
+            last_check[0] = time.monotonic()
+            members = active_members(client, group)
+            if members > 1:
+                joined.append(members)
+                return True
+        try:
+            positions = consumer.consumer.position([TopicPartition(topic, p) for p in pending])
+        except KafkaException:
+            return False
+        # position() moves past transaction markers and aborted records, which the consumed
+        # offsets (ChangeConsumer.positions) never reach.
+        return all(max(tp.offset, consumer.positions.get(tp.partition, -1)) >= pending[tp.partition]
+                   for tp in positions)
+
+    consumer = ChangeConsumer(cfg, instance_id or "replay")
+    consumer.run(stop, done=done)
+    stats = consumer.stats
+    summary.events, summary.mcps, summary.unchanged = stats.events, stats.mcps, stats.unchanged
+    summary.soft_deletes, summary.dead_letters = stats.soft_deletes, stats.dead_letters
+    summary.seconds = time.monotonic() - started
+    if joined:
+        raise ReplayError(f"another consumer joined group {group} during the replay ({joined[0]} members); "
+                          f"the replay stopped after {stats.events} events: stop the other consumers and "
+                          "run the replay again")
+    if stop.is_set():
+        raise ReplayError(f"replay interrupted after {stats.events} events: run it again to finish "
+                          "(the group and the state topic are consistent, each up to where it stopped)")
+    return summary
