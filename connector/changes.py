@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mlflow.entities import Experiment as MlflowExperiment
+from mlflow.entities import LoggedModel as MlflowLoggedModel
 from mlflow.entities import Run as MlflowRun
 from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 from mlflow.entities.model_registry import RegisteredModel as MlflowRegisteredModel
@@ -19,6 +20,7 @@ from connector.events import (
     Entity,
     EntityKind,
     Experiment,
+    LoggedModel,
     Metric,
     ModelVersion,
     ModelVersionRef,
@@ -145,6 +147,27 @@ def model_version_state(
         "tags": _tags(version.tags),
         "aliases": sorted(set(aliases) | set(version.aliases or [])),
         "run": run,
+    }
+
+
+def logged_model_state(model: MlflowLoggedModel) -> LoggedModel:
+    status = model.status
+    return {
+        "model_id": model.model_id,
+        "experiment_id": str(model.experiment_id),
+        "name": model.name,
+        "artifact_location": model.artifact_location,
+        "creation_timestamp": model.creation_timestamp,
+        "last_updated_timestamp": model.last_updated_timestamp,
+        "model_type": model.model_type,
+        "source_run_id": _none_if_empty(model.source_run_id),
+        "status": str(status.value if hasattr(status, "value") else status) if status is not None else None,
+        "tags": _tags(model.tags),
+        "params": _tags(model.params),
+        "metrics": [
+            {"key": m.key, "value": float(m.value), "timestamp": int(m.timestamp or 0), "step": int(m.step or 0)}
+            for m in (model.metrics or [])
+        ],
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal, TypedDict
 
 Operation = Literal["CREATE", "UPDATE", "DELETE", "READ", "SNAPSHOT_BEGIN", "SNAPSHOT_END"]
-EntityKind = Literal["EXPERIMENT", "RUN", "REGISTERED_MODEL", "MODEL_VERSION", "SNAPSHOT"]
+EntityKind = Literal["EXPERIMENT", "RUN", "REGISTERED_MODEL", "MODEL_VERSION", "SNAPSHOT", "LOGGED_MODEL"]
 
 NAMESPACE = "io.github.mlflow_datahub.v1"
 
@@ -112,6 +112,23 @@ class ModelVersion(TypedDict):
     run: RunSummary | None
 
 
+class LoggedModel(TypedDict):
+    """An MLflow 3 LoggedModel (schema version 2)."""
+
+    model_id: str
+    experiment_id: str
+    name: str
+    artifact_location: str | None
+    creation_timestamp: int | None
+    last_updated_timestamp: int | None
+    model_type: str | None
+    source_run_id: str | None
+    status: str | None
+    tags: list[Tag]
+    params: list[Tag]
+    metrics: list[Metric]
+
+
 class SnapshotMarker(TypedDict):
     snapshot_id: str
     partitions: int
@@ -119,7 +136,7 @@ class SnapshotMarker(TypedDict):
     entities: int
 
 
-Entity = Experiment | Run | RegisteredModel | ModelVersion
+Entity = Experiment | Run | RegisteredModel | ModelVersion | LoggedModel
 
 
 class Source(TypedDict):
@@ -147,6 +164,7 @@ RECORD_NAMES: dict[EntityKind, str] = {
     "REGISTERED_MODEL": f"{NAMESPACE}.RegisteredModel",
     "MODEL_VERSION": f"{NAMESPACE}.ModelVersion",
     "SNAPSHOT": f"{NAMESPACE}.SnapshotMarker",
+    "LOGGED_MODEL": f"{NAMESPACE}.LoggedModel",
 }
 
 
@@ -166,6 +184,10 @@ def model_version_key(name: str, version: str) -> str:
     return f"model_version:{name}/{version}"
 
 
+def logged_model_key(model_id: str) -> str:
+    return f"logged_model:{model_id}"
+
+
 def snapshot_key(snapshot_id: str) -> str:
     return f"snapshot:{snapshot_id}"
 
@@ -180,6 +202,8 @@ def entity_key(kind: EntityKind, entity: Entity) -> str:
         return registered_model_key(entity["name"])
     if kind == "MODEL_VERSION":
         return model_version_key(entity["name"], entity["version"])  # type: ignore[typeddict-item]
+    if kind == "LOGGED_MODEL":
+        return logged_model_key(entity["model_id"])  # type: ignore[typeddict-item]
     raise ValueError(f"no entity key for kind {kind}")
 
 
@@ -190,6 +214,7 @@ def kind_of_key(key: str) -> EntityKind:
         "run": "RUN",
         "registered_model": "REGISTERED_MODEL",
         "model_version": "MODEL_VERSION",
+        "logged_model": "LOGGED_MODEL",
         "snapshot": "SNAPSHOT",
     }
     if prefix not in kinds:

@@ -28,6 +28,7 @@ from connector.changes import (
     aliases_by_version,
     experiment_state,
     fingerprint,
+    logged_model_state,
     model_version_state,
     registered_model_state,
     run_state,
@@ -57,13 +58,15 @@ class Watermarks:
     registered_models: int | None = None
     model_versions: int | None = None
     runs: int | None = None
+    logged_models: int | None = None
 
     def to_dict(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @staticmethod
     def from_dict(d: dict[str, int]) -> Watermarks:
-        return Watermarks(**{k: d.get(k) for k in ("experiments", "registered_models", "model_versions", "runs")})
+        return Watermarks(**{k: d.get(k) for k in ("experiments", "registered_models", "model_versions", "runs",
+                                                    "logged_models")})
 
     def advanced(self, other: Watermarks) -> Watermarks:
         def later(a: int | None, b: int | None) -> int | None:
@@ -204,11 +207,20 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
             runs.update((r.info.run_id, r) for r in page)
     _assemble(reader, known, names, model_states, versions, runs, out, extra_runs=known.active_runs)
 
+    # MLflow 3 LoggedModels, newest first down to the watermark.
+    logged = _newest_first(reader.logged_models(ids, newest_first=True), since(marks.logged_models),
+                           "last_updated_timestamp")
+    for model in logged:
+        state = logged_model_state(model)
+        if known.changed("LOGGED_MODEL", state):
+            out.entities.append(("LOGGED_MODEL", state))
+
     out.watermarks = Watermarks(
         experiments=_max(e.last_update_time for e in experiments),
         registered_models=_max(m.last_updated_timestamp for m in models),
         model_versions=_max(v.last_updated_timestamp for v in listed_versions),
         runs=_max(r.info.start_time for r in runs.values()),
+        logged_models=_max(m.last_updated_timestamp for m in logged),
     )
     return out
 

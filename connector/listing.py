@@ -17,6 +17,7 @@ from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 from connector.changes import (
     aliases_by_version,
     experiment_state,
+    logged_model_state,
     model_version_state,
     registered_model_state,
     run_state,
@@ -91,3 +92,6 @@ def full_listing(reader: MlflowReader, progress_every: int = 5000) -> Iterator[t
     for version in orphans:
         run = summaries.get(version.run_id) if version.run_id else None
         yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run)
+    for page in reader.logged_models(list(experiment_names)):
+        for model in page:
+            yield "LOGGED_MODEL", logged_model_state(model)

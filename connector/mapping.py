@@ -450,6 +450,10 @@ def to_mcps(event: ChangeEvent, settings: MappingSettings) -> Transformed:
     after = event["after"]
     if event["kind"] == "SNAPSHOT" or event["op"] == "DELETE" or after is None:
         return Transformed(None)
+    if event["kind"] == "LOGGED_MODEL":
+        # MLflow 3 LoggedModels travel on the change topic for other consumers; the original source
+        # has no DataHub mapping for them and none is invented here (docs/compatibility.md).
+        return Transformed(None)
     warnings: list[str] = []
     if event["kind"] == "EXPERIMENT":
         entity = experiment_mcps(cast(Experiment, after))

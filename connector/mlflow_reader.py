@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from mlflow import MlflowClient
-from mlflow.entities import Experiment, Run, ViewType
+from mlflow.entities import Experiment, LoggedModel, Run, ViewType
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException, RestException
 
@@ -168,6 +168,20 @@ class MlflowReader:
         return self._pages("search_registered_models", self.client.search_registered_models,
                            filter_string=filter_string, max_results=min(self.settings.page_size, 1000),
                            order_by=order_by)
+
+    def logged_models(self, experiment_ids: Sequence[str], newest_first: bool = False) -> Iterator[list[LoggedModel]]:
+        """MLflow 3 LoggedModels of the experiments; none on servers without the API."""
+        ids = list(experiment_ids)
+        order = [{"field_name": "last_updated_timestamp", "ascending": False}] if newest_first else None
+        for start in range(0, len(ids), RUNS_PER_EXPERIMENT_BATCH):
+            try:
+                yield from self._pages("search_logged_models", self.client.search_logged_models,
+                                       experiment_ids=ids[start:start + RUNS_PER_EXPERIMENT_BATCH],
+                                       max_results=min(self.settings.page_size, 100), order_by=order)
+            except MlflowException as e:
+                if "ENDPOINT_NOT_FOUND" in str(e) or "404" in str(e):
+                    return
+                raise
 
     def model_versions(self, filter_string: str | None = None,
                        order_by: list[str] | None = None) -> Iterator[list[ModelVersion]]:

@@ -371,4 +371,6 @@ def _watermark_of(kind: EntityKind, entity: Entity) -> Watermarks:
         return Watermarks(registered_models=entity["last_updated_timestamp"])  # type: ignore[typeddict-item]
     if kind == "MODEL_VERSION":
         return Watermarks(model_versions=entity["last_updated_timestamp"])  # type: ignore[typeddict-item]
+    if kind == "LOGGED_MODEL":
+        return Watermarks(logged_models=entity["last_updated_timestamp"])  # type: ignore[typeddict-item]
     return Watermarks(runs=entity["start_time"])  # type: ignore[typeddict-item]

@@ -160,3 +160,19 @@ def test_restarted_producer_continues_without_republishing(client: MlflowClient,
         assert topic.new() == [("UPDATE", "registered_model:restart model")]
     finally:
         again.close()
+
+
+def test_logged_models_are_published_by_snapshot_and_cycles(client: MlflowClient, producer_and_topic: tuple) -> None:
+    producer, topic, cfg = producer_and_topic
+    exp = client.create_experiment("logged models")
+    first = client.create_logged_model(exp, name="first", params={"alpha": "0.1"}, model_type="sklearn")
+    producer.snapshot()
+    assert ("READ", f"logged_model:{first.model_id}") in topic.new()
+    second = client.create_logged_model(exp, name="second")
+    client.finalize_logged_model(first.model_id, "READY")
+    producer.cycle()
+    assert topic.new() == sorted([("CREATE", f"logged_model:{second.model_id}"),
+                                  ("UPDATE", f"logged_model:{first.model_id}")])
+    event = [e for e in topic.all() if e["key"] == f"logged_model:{first.model_id}"][-1]
+    assert event["after"]["status"] == "READY" and event["after"]["params"] == [{"key": "alpha", "value": "0.1"}]
+    assert producer.cycle() == 0
