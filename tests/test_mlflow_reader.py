@@ -1,0 +1,108 @@
+"""Polite to MLflow: the request rate limit, 429 with Retry-After, and retries while MLflow is down.
+
+A small HTTP proxy on loopback stands between the reader and a real `mlflow server`: it forwards
+requests, records when each arrived, and can answer 429 (with Retry-After) or refuse connections,
+the way a rate-limited managed MLflow does."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from connector.mlflow_reader import MlflowReader, MlflowUnavailable, ReaderSettings
+from tests.servers import MlflowServer, free_port
+
+
+class Proxy(http.server.ThreadingHTTPServer):
+    def __init__(self, upstream: str) -> None:
+        super().__init__(("127.0.0.1", free_port()), ProxyHandler)
+        self.upstream = upstream
+        self.arrivals: list[float] = []
+        self.throttle_next = 0
+        self.retry_after = "1"
+        self.lock = threading.Lock()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: Proxy
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _forward(self) -> None:
+        with self.server.lock:
+            self.server.arrivals.append(time.monotonic())
+            throttle = self.server.throttle_next > 0
+            if throttle:
+                self.server.throttle_next -= 1
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+        if throttle:
+            self.send_response(429)
+            self.send_header("Retry-After", self.server.retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        request = urllib.request.Request(self.server.upstream + self.path, data=body, method=self.command,
+                                         headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            payload = response.read()
+            self.send_response(response.status)
+            self.send_header("Content-Type", response.headers.get("Content-Type", "application/json"))
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    do_GET = do_POST = _forward
+
+
+@pytest.fixture
+def proxy(demo_mlflow: MlflowServer) -> Iterator[Proxy]:
+    server = Proxy(demo_mlflow.uri)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_requests_respect_the_rate_limit(proxy: Proxy) -> None:
+    reader = MlflowReader(ReaderSettings(proxy.uri, proxy.uri, max_requests_per_second=4))
+    for _ in range(6):
+        reader.check()
+    gaps = [b - a for a, b in zip(proxy.arrivals, proxy.arrivals[1:], strict=False)]
+    assert len(proxy.arrivals) == 6
+    assert min(gaps) >= 0.2, gaps  # 4 per second: 0.25 s apart, less scheduling jitter
+
+
+def test_429_with_retry_after_is_honoured(proxy: Proxy) -> None:
+    proxy.throttle_next = 2
+    proxy.retry_after = "1"
+    reader = MlflowReader(ReaderSettings(proxy.uri, proxy.uri))
+    experiments = [e.name for page in reader.experiments() for e in page]
+    assert "demo/training runs" in experiments
+    assert len(proxy.arrivals) >= 3
+    # Each retry waited at least what Retry-After asked for.
+    assert proxy.arrivals[1] - proxy.arrivals[0] >= 0.9
+    assert proxy.arrivals[2] - proxy.arrivals[1] >= 0.9
+
+
+def test_outage_is_retried_then_reported(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()  # nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    reader = MlflowReader(ReaderSettings(uri, uri, retry_initial_seconds=0.2, retry_max_seconds=0.4,
+                                         retry_for_seconds=8))
+    with caplog.at_level("WARNING"), pytest.raises(MlflowUnavailable) as error:
+        reader.check()
+    assert "did not answer" in str(error.value)
+    retries = [r for r in caplog.records if "MLflow unreachable" in r.getMessage()]
+    assert len(retries) >= 2
+    assert all(r.exc_info is None for r in caplog.records), "expected conditions log without stack traces"
