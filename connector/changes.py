@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import Experiment as MlflowExperiment
 from mlflow.entities import LoggedModel as MlflowLoggedModel
@@ -184,14 +185,22 @@ def fingerprint(entity: Entity | None) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def without_credentials(uri: str) -> str:
+    """The URI without a `user:password@` part: events are public, credentials are not."""
+    parts = urlsplit(uri)
+    if not parts.netloc or "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def source_block(
     tracking_uri: str, registry_uri: str, read_at_ms: int, snapshot_id: str | None = None
 ) -> Source:
     return {
         "connector": "mlflow-datahub",
         "version": __version__,
-        "tracking_uri": tracking_uri,
-        "registry_uri": registry_uri,
+        "tracking_uri": without_credentials(tracking_uri),
+        "registry_uri": without_credentials(registry_uri),
         "read_at_ms": read_at_ms,
         "snapshot_id": snapshot_id,
     }

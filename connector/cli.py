@@ -10,11 +10,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaException
 
 from connector import __version__
 from connector.config import ConfigError, ConnectorConfig, load
+
+if TYPE_CHECKING:
+    from connector.producer import ChangeProducer
+    from connector.webhooks import WebhookReceiver
 
 log = logging.getLogger("mlflow-datahub")
 
@@ -52,6 +57,8 @@ def _startup(cfg_path: str, mlflow_retry_seconds: float = 10.0) -> tuple[Connect
     cfg = load(cfg_path)
     cfg.mlflow.resolved_tracking_uri()
     cfg.kafka.resolved_schema_registry()
+    if cfg.webhooks is not None:
+        cfg.webhooks.resolved_secret()
     return cfg, ensure_topics(cfg)
 
 
@@ -68,6 +75,15 @@ def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds
                       f"{str(e).splitlines()[0][:200]}") from None
     reader.settings = cfg.reader_settings(retry_for_seconds=retry_for_seconds)
     return reader
+
+
+def _start_webhooks(cfg: ConnectorConfig, producer: ChangeProducer) -> WebhookReceiver | None:
+    """The webhook receiver (when configured), feeding the producer's targeted reads."""
+    if cfg.webhooks is None:
+        return None
+    from connector.webhooks import WebhookReceiver
+
+    return WebhookReceiver.from_config(cfg.webhooks, producer.refresh_requests).start()
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -94,7 +110,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     cfg, _ = _startup(args.config)
     producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
+    receiver = _start_webhooks(cfg, producer)
     producer.run(_stop_on_signals())
+    if receiver is not None:
+        receiver.stop()
     producer.close()
     return 0
 
@@ -115,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
     consumer = ChangeConsumer(cfg, args.instance_id)
+    receiver = _start_webhooks(cfg, producer)
     errors: list[BaseException] = []
 
     def guarded(fn: Callable[[threading.Event], object]) -> Callable[[], None]:
@@ -133,6 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(0.5)
+    if receiver is not None:
+        receiver.stop()
     producer.close()
     if errors:
         raise errors[0]
@@ -251,6 +273,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from connector.webhooks import InstallError, install
+
+    cfg = load(args.config)
+    try:
+        print(install(cfg))
+    except InstallError as e:
+        raise Failure(str(e)) from None
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from connector.demo import populate
 
@@ -303,6 +336,10 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--instance-id", help="consumer instance name (default: replay)")
     d = command("dump", cmd_dump, "Write the MCP topic's contents as a DataHub file-sink JSON file.")
     d.add_argument("--out", required=True, metavar="FILE.json")
+    wh = command("webhooks", cmd_webhooks, "Manage the MLflow webhook (MLflow 3.3+, SQL store) that tells the "
+                 "running connector what changed.")
+    wh.add_argument("action", choices=["install"], help="install: create the webhook named webhooks.name in "
+                    "MLflow, or update it (URL, events, secret, ACTIVE)")
     command("demo-data", cmd_demo_data, "Create the demo experiments, runs and models in MLflow.")
     demo = command("demo", cmd_demo, "Start the local stack, load demo data, stream it and show a live change.")
     demo.add_argument("--instance-id", help="consumer instance name (default: host name)")

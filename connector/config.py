@@ -12,15 +12,22 @@ Unknown fields and wrong types stop start-up with a message naming the field.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from datahub.configuration.source_common import ALL_ENV_TYPES
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from connector.mapping import MappingSettings
 from connector.mlflow_reader import ReaderSettings
+
+log = logging.getLogger(__name__)
+
+# Top-level recipe keys that configure DataHub's ingestion pipeline, not the source.
+RECIPE_PIPELINE_KEYS = ("run_id", "datahub_api", "transformers", "reporting", "flags", "failure_log")
 
 
 class ConfigError(Exception):
@@ -35,6 +42,12 @@ class StatefulIngestion(_Strict):
     enabled: bool = False
     remove_stale_metadata: bool = True
     fail_safe_threshold: float = Field(default=75.0, ge=0, le=100)
+    # The original's hidden settings of its checkpoint store: accepted so a recipe loads, unused here
+    # (the state lives in the compacted state topic).
+    max_checkpoint_state_size: int | None = Field(default=None, gt=0)
+    state_provider: dict[str, Any] | None = None
+    ignore_old_state: bool = False
+    ignore_new_state: bool = False
 
 
 class MLflowSourceConfig(_Strict):
@@ -51,6 +64,14 @@ class MLflowSourceConfig(_Strict):
     password: SecretStr | None = None
     stateful_ingestion: StatefulIngestion | None = None
 
+    @field_validator("env", mode="after")
+    @classmethod
+    def _env_known(cls, value: str) -> str:
+        """As the original's EnvConfigMixin: one of DataHub's environments, upper-cased."""
+        if value.upper() not in ALL_ENV_TYPES:
+            raise ValueError(f"env must be one of {sorted(ALL_ENV_TYPES)}, found {value!r}")
+        return value.upper()
+
     @model_validator(mode="after")
     def _credentials_together(self) -> MLflowSourceConfig:
         if bool(self.username) != bool(self.password):
@@ -58,7 +79,8 @@ class MLflowSourceConfig(_Strict):
         return self
 
     def resolved_tracking_uri(self) -> str:
-        """MLflow's own fallback: MLFLOW_TRACKING_URI, else the local `mlruns` directory."""
+        """The configured URI, else MLflow's MLFLOW_TRACKING_URI. (The original would fall back to a
+        local `mlruns` directory; a stream beside Kafka needs a server, so that is an error here.)"""
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise ConfigError("source.config.tracking_uri: not set, and MLFLOW_TRACKING_URI is not set either")
@@ -121,6 +143,47 @@ class ConsumerSettings(_Strict):
     max_message_bytes: int = Field(default=1_000_000, ge=10_000)
 
 
+WEBHOOK_SECRET_ENV = "MLFLOW_DATAHUB_WEBHOOK_SECRET"
+
+
+class WebhooksConfig(_Strict):
+    """MLflow webhooks (3.3+) received over HTTP; each names a registered model to re-read at once."""
+
+    listen: str = "127.0.0.1:8790"
+    url: str | None = None
+    secret: SecretStr | None = None
+    max_age_seconds: float = Field(default=300.0, gt=0)
+    name: str = "mlflow-datahub"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8790 or [::1]:8790")
+        return value
+
+    def listen_address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def resolved_url(self) -> str:
+        """The URL MLflow calls: `url`, else this receiver's own address."""
+        if self.url:
+            return self.url
+        host, port = self.listen_address()
+        if host in ("", "0.0.0.0", "::"):
+            raise ConfigError(f"webhooks.url: required when webhooks.listen ({self.listen}) binds every interface")
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/webhooks/mlflow"
+
+    def resolved_secret(self) -> str:
+        secret = self.secret.get_secret_value() if self.secret else os.environ.get(WEBHOOK_SECRET_ENV)
+        if not secret:
+            raise ConfigError(f"webhooks.secret: not set, and {WEBHOOK_SECRET_ENV} is not set either "
+                              "(a webhook without a secret cannot be verified)")
+        return secret
+
+
 class SinkConfig(BaseModel):
     """The recipe's `sink` block is accepted so a recipe can be reused; a `datahub-kafka` sink's
     connection and MCP topic are taken as defaults for the `kafka` section."""
@@ -137,20 +200,37 @@ class ConnectorConfig(_Strict):
     kafka: KafkaConfig = KafkaConfig()
     producer: ProducerSettings = ProducerSettings()
     consumer: ConsumerSettings = ConsumerSettings()
+    webhooks: WebhooksConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _sink_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("sink"), dict):
+    def _from_recipe(cls, data: Any) -> Any:
+        """Reads a DataHub recipe as it is: pipeline-only keys are ignored with a warning, and a
+        `datahub-kafka` sink's connection gives the `kafka` section its defaults."""
+        if not isinstance(data, dict):
             return data
-        sink = data["sink"]
+        data = dict(data)
+        for key in RECIPE_PIPELINE_KEYS:
+            if key in data:
+                data.pop(key)
+                log.warning("recipe field %r belongs to DataHub's ingestion pipeline: ignored", key)
+        if "webhooks" in data and data["webhooks"] is None:
+            data["webhooks"] = {}  # `webhooks:` with nothing under it switches them on with defaults
+        sink = data.get("sink")
+        if not isinstance(sink, dict):
+            return data
         if sink.get("type") != "datahub-kafka":
+            log.warning("sink of type %r ignored: the connector writes to DataHub's MCP topic (section `kafka`)",
+                        sink.get("type"))
             return data
-        connection = (sink.get("config") or {}).get("connection") or {}
+        sink_config = sink.get("config") or {}
+        connection = sink_config.get("connection") or {}
         kafka = dict(data.get("kafka") or {})
         kafka.setdefault("bootstrap_servers", connection.get("bootstrap"))
         kafka.setdefault("schema_registry_url", connection.get("schema_registry_url"))
-        mcp_topic = ((sink.get("config") or {}).get("topic_routes") or {}).get("MetadataChangeProposal")
+        kafka.setdefault("schema_registry_config", connection.get("schema_registry_config"))
+        kafka.setdefault("producer_config", connection.get("producer_config"))
+        mcp_topic = (sink_config.get("topic_routes") or {}).get("MetadataChangeProposal")
         if mcp_topic:
             kafka["topics"] = {**(kafka.get("topics") or {}), "mcp": mcp_topic}
         return {**data, "kafka": {k: v for k, v in kafka.items() if v is not None}}
@@ -201,6 +281,8 @@ def describe(error: ValidationError) -> str:
             lines.append(f"{where}: unknown field")
         elif e["type"] == "missing":
             lines.append(f"{where}: required field is missing")
+        elif isinstance(e.get("input"), (dict, list)) or "password" in where or "secret" in where:
+            lines.append(f"{where}: {e['msg']}")  # never echo a block or a secret back
         else:
             lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)

@@ -12,7 +12,7 @@ from typing import Literal, TypedDict
 Operation = Literal["CREATE", "UPDATE", "DELETE", "READ", "SNAPSHOT_BEGIN", "SNAPSHOT_END"]
 EntityKind = Literal["EXPERIMENT", "RUN", "REGISTERED_MODEL", "MODEL_VERSION", "SNAPSHOT", "LOGGED_MODEL"]
 
-NAMESPACE = "io.github.mlflow_datahub.v1"
+NAMESPACE = "io.github.mlflow_datahub"
 
 
 class Tag(TypedDict):
@@ -188,8 +188,12 @@ def logged_model_key(model_id: str) -> str:
     return f"logged_model:{model_id}"
 
 
+SNAPSHOT_MARKER_KEY = "snapshot"
+
+
 def snapshot_key(snapshot_id: str) -> str:
-    return f"snapshot:{snapshot_id}"
+    """Every marker has the same key: compaction keeps only the latest marker of each partition."""
+    return SNAPSHOT_MARKER_KEY
 
 
 def entity_key(kind: EntityKind, entity: Entity) -> str:

@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from connector import codec
 from connector.changes import entity_changed, entity_deleted, fingerprint, snapshot_marker, source_block
 from connector.config import ConnectorConfig
-from connector.events import ChangeEvent, Entity, EntityKind, kind_of_key
+from connector.events import SNAPSHOT_MARKER_KEY, ChangeEvent, Entity, EntityKind, kind_of_key
 from connector.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
 from connector.listing import full_listing
 from connector.mlflow_reader import MlflowReader, MlflowUnavailable
@@ -140,7 +140,7 @@ class ChangeProducer:
     # -- writing ---------------------------------------------------------------------------------
 
     def _on_delivery(self, error: KafkaError | None, msg: Message) -> None:
-        if error is None and msg.key() and msg.key().startswith(b"snapshot:"):
+        if error is None and msg.key() == SNAPSHOT_MARKER_KEY.encode():
             self._end_offsets[msg.partition()] = msg.offset()
 
     def _send(self, event: ChangeEvent, partition: int | None = None) -> None:
@@ -238,12 +238,17 @@ class ChangeProducer:
         deletes: list[tuple[ChangeEvent, int | None]] = []
         if summary.complete:
             deletes = self._deletes(seen, snapshot_id, summary)
+            if not summary.complete:
+                marks = Watermarks()  # nothing is taken from a listing that the fail-safe refused
         total = sum(summary.entities.values())
         final = batch + deletes + self._markers("SNAPSHOT_END", snapshot_id, now_ms(), summary.complete, total)
         watermarks = Watermarks.from_dict(self.position.watermarks)
         if summary.complete:
             watermarks = watermarks.advanced(marks)
-        position = Position(seq, started if summary.complete else self.position.last_snapshot_ms,
+        # A listing that failed is retried at the next cycle; one blocked by the fail-safe threshold
+        # (it listed fine, but too much is gone) waits for the next reconciliation like a complete one.
+        blocked = summary.reason is not None and "fail_safe_threshold" in summary.reason
+        position = Position(seq, started if summary.complete or blocked else self.position.last_snapshot_ms,
                             watermarks.to_dict())
         self._commit(final, position)
         summary.events += len(batch) + len(deletes)

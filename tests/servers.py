@@ -21,8 +21,9 @@ def free_port() -> int:
 class MlflowServer:
     """One `mlflow server` process; stop() and start() again keep its store (for outage tests)."""
 
-    def __init__(self, workdir: Path, template_db: Path | None = None) -> None:
+    def __init__(self, workdir: Path, template_db: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.env = dict(env or {})  # extra environment of the server process
         workdir.mkdir(parents=True, exist_ok=True)
         self.db = workdir / "mlflow.db"
         if template_db is not None and template_db.exists() and not self.db.exists():
@@ -41,7 +42,7 @@ class MlflowServer:
              "--default-artifact-root", str(self.workdir / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

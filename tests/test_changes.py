@@ -230,7 +230,7 @@ def test_snapshot_marker() -> None:
     event = changes.snapshot_marker(
         "SNAPSHOT_END", "s1", 3, mo.source(snapshot_id="s1"), 9, complete=True, entities=12
     )
-    assert event["key"] == "snapshot:s1"
+    assert event["key"] == "snapshot"  # one key for all markers: compaction keeps the latest
     assert event["kind"] == "SNAPSHOT"
     assert event["after"] == {"snapshot_id": "s1", "partitions": 3, "complete": True, "entities": 12}
     assert event["source"]["snapshot_id"] == "s1"
@@ -353,9 +353,10 @@ def test_entity_keys_and_kinds() -> None:
         (run_key("r"), "RUN"),
         (registered_model_key("a/b"), "REGISTERED_MODEL"),
         (snapshot_key("s"), "SNAPSHOT"),
+        ("logged_model:m-1", "LOGGED_MODEL"),
     ]:
         assert kind_of_key(key) == kind
-    assert set(RECORD_NAMES) == {"EXPERIMENT", "RUN", "REGISTERED_MODEL", "MODEL_VERSION", "SNAPSHOT"}
+    assert set(RECORD_NAMES) == {"EXPERIMENT", "RUN", "REGISTERED_MODEL", "MODEL_VERSION", "SNAPSHOT", "LOGGED_MODEL"}
 
 
 def test_unknown_keys_are_rejected() -> None:

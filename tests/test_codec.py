@@ -17,7 +17,9 @@ from connector import changes, codec
 from connector.events import ChangeEvent
 from tests import mlflow_objects as mo
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "ChangeEvent.v1.avsc"
+# The newest schema version: the one the codec writes with.
+SCHEMA_FILE = max((Path(__file__).resolve().parent.parent / "schemas").glob("ChangeEvent.v*.avsc"),
+                  key=lambda p: int(p.name.split(".")[1][1:]))
 
 
 def _crc64_avro(data: bytes) -> int:
@@ -114,7 +116,7 @@ def test_delete_has_no_state() -> None:
 
 def _spec_fingerprint() -> bytes:
     """The 8 header bytes the Avro specification asks for: CRC-64-AVRO of the parsing canonical
-    form of schemas/ChangeEvent.v1.avsc, little-endian."""
+    form of the newest schemas/ChangeEvent.v*.avsc, little-endian."""
     canonical = to_parsing_canonical_form(json.loads(SCHEMA_FILE.read_text()))
     return struct.pack("<Q", _crc64_avro(canonical.encode()))
 
@@ -145,7 +147,7 @@ def test_decode_reads_spec_compliant_single_object_encoding() -> None:
     event = EVENTS["snapshot begin"]
     body = io.BytesIO()
     fastavro.schemaless_writer(
-        body, schema, {**event, "after": ("io.github.mlflow_datahub.v1.SnapshotMarker", event["after"])}
+        body, schema, {**event, "after": ("io.github.mlflow_datahub.SnapshotMarker", event["after"])}
     )
     assert codec.decode(b"\xc3\x01" + _spec_fingerprint() + body.getvalue()) == event
 

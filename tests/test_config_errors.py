@@ -40,6 +40,8 @@ def _assert_clean_failure(result, *fragments: str) -> None:  # noqa: ANN001
         ({"kafka": {}}, ["source: required field is missing"]),
         ({"source": {"type": "mlflow", "config": {"username": "u"}}},
          ["username and password must be set together"]),
+        ({"source": {"type": "mlflow", "config": {"env": "staging-ish"}}},
+         ["source.config.env", "env must be one of"]),
     ],
 )
 def test_invalid_configuration_is_rejected(tmp_path: Path, data: dict, fragments: list[str]) -> None:
@@ -88,3 +90,32 @@ def test_unreachable_broker(make_config: ConfigFactory) -> None:
     path, _ = make_config("http://127.0.0.1:1", {"kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}"}})
     result = run_cli("snapshot", "-c", str(path))
     _assert_clean_failure(result, "kafka.bootstrap_servers", "no Kafka broker answers")
+
+
+def test_recipe_pipeline_fields_are_ignored_and_env_is_normalised(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    recipe = {
+        "run_id": "nightly", "datahub_api": {"server": "http://gms:8080"}, "transformers": [],
+        "source": {"type": "mlflow", "config": {"tracking_uri": "http://mlflow:5000", "env": "dev",
+                                                 "stateful_ingestion": {"enabled": True, "ignore_old_state": False}}},
+        "sink": {"type": "datahub-kafka", "config": {"connection": {
+            "bootstrap": "broker:9092", "schema_registry_url": "http://registry:8081",
+            "producer_config": {"security.protocol": "SASL_SSL"},
+            "schema_registry_config": {"basic.auth.user.info": "u:p"}}}},
+    }
+    with caplog.at_level("WARNING"):
+        cfg = load(_write(tmp_path, recipe))
+    assert cfg.mapping_settings().env == "DEV"  # upper-cased, as the original does
+    assert cfg.kafka.producer_config == {"security.protocol": "SASL_SSL"}
+    assert cfg.kafka.schema_registry_config == {"basic.auth.user.info": "u:p"}
+    ignored = [r.getMessage() for r in caplog.records]
+    assert any("'run_id'" in m and "ignored" in m for m in ignored)
+    assert any("'datahub_api'" in m for m in ignored)
+
+
+def test_a_secret_is_never_echoed_in_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"source": {"type": "mlflow", "config": {"password": "hunter2"}}})
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert "hunter2" not in str(error.value)
+    assert "username and password must be set together" in str(error.value)

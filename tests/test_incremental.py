@@ -74,8 +74,8 @@ def test_each_cycle_publishes_what_changed(client: MlflowClient, producer_and_to
     idle_requests = producer.reader.requests - before
     idle_calls = {k: v - calls_before.get(k, 0) for k, v in producer.reader.requests_by_call.items()}
     assert idle_calls == {"search_experiments": 1, "search_registered_models": 1, "search_model_versions": 1,
-                          "search_runs": 1}, idle_calls
-    assert idle_requests == 4
+                          "search_runs": 1, "search_logged_models": 1}, idle_calls
+    assert idle_requests == 5
     assert topic.new() == []
 
     # An active run logs a metric; a new run starts.
