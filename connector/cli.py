@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,8 +221,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from connector import stack
     from connector.consumer import ChangeConsumer
     from connector.demo import live_change, populate
+    from connector.dump import read_mcps
     from connector.mapping import run_urn
-    from connector.producer import ChangeProducer
+    from connector.producer import ChangeProducer, consumer_lag
 
     if not (os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("SCHEMA_REGISTRY_URL")):
         endpoints = stack.up(progress=lambda line: print(line, file=sys.stderr))
@@ -249,12 +251,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             time.sleep(0.5)
 
     print("2. streaming: producer and consumer running (mlflow-datahub run does the same)")
-    wait_for("the first snapshot", lambda: producer.position.last_snapshot_ms is not None
-             and consumer.stats.events >= len(producer.published))
-    time.sleep(2)
-    print(f"   {consumer.stats.events} change events -> {sum(consumer.stats.mcps.values())} MCPs on "
-          f"{cfg.kafka.topics.mcp}:")
-    for aspect, count in sorted(consumer.stats.mcps.items()):
+
+    def caught_up() -> bool:
+        return producer.position.last_snapshot_ms is not None and consumer_lag(cfg) == 0
+
+    wait_for("the consumer to catch up", caught_up)
+    by_aspect = Counter(mcp.aspectName for _, mcp in read_mcps(cfg))
+    print(f"   {cfg.kafka.topics.mcp} holds {sum(by_aspect.values())} MCPs "
+          f"({sum(consumer.stats.mcps.values())} written now; unchanged aspects are never written twice):")
+    for aspect, count in sorted(by_aspect.items()):
         print(f"     {aspect:32} {count}")
     written = sum(consumer.stats.mcps.values())
     versions_before = consumer.stats.mcps.get("versionProperties", 0)

@@ -91,6 +91,30 @@ def read_to_end(bootstrap: str, topic: str, extra: dict[str, object] | None = No
         reader.close()
 
 
+def consumer_lag(cfg: ConnectorConfig) -> int:
+    """Change events not yet processed by the consumer group: end offsets minus committed offsets
+    (a probe with the group's id reads its commits without joining it)."""
+    probe = Consumer({"bootstrap.servers": cfg.kafka.resolved_bootstrap(), "group.id": cfg.kafka.consumer_group,
+                      "isolation.level": "read_committed"})
+    try:
+        topic = cfg.kafka.topics.changes
+        meta = probe.list_topics(topic, timeout=30).topics[topic]
+        partitions = [TopicPartition(topic, p) for p in meta.partitions]
+        committed = {tp.partition: max(tp.offset, 0) for tp in probe.committed(partitions, timeout=30)}
+        lag = 0
+        for tp in partitions:
+            low, high = probe.get_watermark_offsets(tp, timeout=30)
+            # Transaction markers take offsets too: a partition is caught up once nothing readable is left.
+            if high > max(committed[tp.partition], low):
+                probe.assign([TopicPartition(topic, tp.partition, max(committed[tp.partition], low))])
+                message = probe.poll(1.0)
+                if message is not None and not message.error():
+                    lag += high - committed[tp.partition]
+        return lag
+    finally:
+        probe.close()
+
+
 class ChangeProducer:
     def __init__(self, cfg: ConnectorConfig, reader: MlflowReader) -> None:
         self.cfg = cfg
