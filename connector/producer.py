@@ -28,6 +28,7 @@ from connector.incremental import ChangeSet, Known, Watermarks, read_changes, re
 from connector.listing import full_listing
 from connector.mlflow_reader import MlflowReader, MlflowUnavailable
 from connector.topics import admin, partition_count
+from connector.transactions import commit_transaction
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class ChangeProducer:
                 if position is not None:
                     self.producer.produce(self.topics.producer_offsets, key=self.position_key,
                                           value=position.to_json())
-                self.producer.commit_transaction(120)
+                commit_transaction(self.producer)
                 break
             except KafkaException as e:
                 error = e.args[0]
