@@ -333,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
     snap.add_argument("--mlflow-retry-seconds", type=float, default=60.0,
                       help="how long to retry while MLflow does not answer (default 60)")
     rp = command("replay", cmd_replay, "Rewind the consumer group and reprocess the change topic (stop the "
-                 "consumers first); exits once it reached the end offsets of its start.")
+                 "consumers first); exits at the end offsets the topic had when it started.")
     start = rp.add_mutually_exclusive_group(required=True)
     start.add_argument("--from-beginning", action="store_true", help="from each partition's first offset")
     start.add_argument("--from-timestamp", metavar="T", help="from the first event published at or after T: "

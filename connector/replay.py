@@ -41,7 +41,7 @@ from connector.consumer import ChangeConsumer
 from connector.events import ChangeEvent, SnapshotMarker
 from connector.mapping import MappingSettings, to_mcps
 from connector.state import SNAPSHOT_KEY, Decider, Entry, Outcome, PartitionState, Policy
-from connector.topics import admin, partition_count
+from connector.topics import admin, partition_count, topic_configs
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,23 @@ def _iso(ms: int) -> str:
 # -- offsets and group ----------------------------------------------------------------------------
 
 
-def active_members(client: AdminClient, group: str, timeout: float = 30.0) -> int:
-    description = client.describe_consumer_groups([group], request_timeout=timeout)[group].result()
-    return len(description.members)
+def active_members(client: AdminClient, group: str, timeout: float = 60.0) -> int:
+    """Members of the group; retries while its coordinator moves or loads (a broker restart)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            description = client.describe_consumer_groups([group], request_timeout=30)[group].result()
+            return len(description.members)
+        except KafkaException as e:
+            error = e.args[0] if e.args else None
+            transient = isinstance(error, KafkaError) and (error.retriable() or error.code() in (
+                KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TRANSPORT))
+            if not transient:
+                raise
+            if time.monotonic() > deadline:
+                raise ReplayError(f"members of group {group} not readable: {error.str()}") from None
+            time.sleep(1.0)
 
 
 def refuse_if_active(client: AdminClient, group: str) -> None:
@@ -119,12 +133,26 @@ class Plan:
         return {p: end for p, end in self.ends.items() if self.starts[p] < end}
 
 
-def committed(client: AdminClient, group: str, topic: str, partitions: int, timeout: float = 30.0
+def committed(client: AdminClient, group: str, topic: str, partitions: int, timeout: float = 60.0
               ) -> dict[int, int]:
-    """The group's committed offsets on the topic (partitions without one are left out)."""
+    """The group's committed offsets on the topic (partitions without one are left out), once they
+    are stable: offsets a consumer committed in a transaction are pending until the transaction's
+    markers are written, and an offset altered before that would be overwritten by them."""
     request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in range(partitions)])
-    result = client.list_consumer_group_offsets([request], request_timeout=timeout)[group].result()
-    return {tp.partition: tp.offset for tp in result.topic_partitions if tp.error is None and tp.offset >= 0}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = client.list_consumer_group_offsets([request], require_stable=True,
+                                                        request_timeout=30)[group].result()
+            errors = [tp.error for tp in result.topic_partitions if tp.error is not None]
+        except KafkaException as e:
+            errors = [e.args[0]]
+        if not errors:
+            return {tp.partition: tp.offset for tp in result.topic_partitions if tp.offset >= 0}
+        unstable = all(isinstance(e, KafkaError) and e.code() == KafkaError.UNSTABLE_OFFSET_COMMIT for e in errors)
+        if not unstable or time.monotonic() > deadline:
+            raise ReplayError(f"committed offsets of group {group} not readable: {errors[0]}")
+        time.sleep(0.5)
 
 
 def plan(client: AdminClient, group: str, topic: str, since_ms: int | None) -> Plan:
@@ -148,17 +176,28 @@ def plan(client: AdminClient, group: str, topic: str, since_ms: int | None) -> P
     return Plan(lows, starts, ends)
 
 
-def rewind(client: AdminClient, group: str, topic: str, starts: dict[int, int], timeout: float = 30.0) -> None:
-    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p, o) for p, o in sorted(starts.items())])
-    future = client.alter_consumer_group_offsets([request], request_timeout=timeout)[group]
-    try:
-        result = future.result()
-    except KafkaException as e:
-        raise ReplayError(f"offsets of group {group} not changed: {e.args[0].str() if e.args else e} "
-                          "(a consumer of the group still running?)") from None
-    for tp in result.topic_partitions:
-        if tp.error is not None:
-            raise ReplayError(f"offset of group {group} on {topic}[{tp.partition}] not changed: {tp.error.str()}")
+def rewind(client: AdminClient, group: str, topic: str, starts: dict[int, int], attempts: int = 5,
+           timeout: float = 30.0) -> None:
+    """Set the group's offsets, and check that they hold (see `committed`)."""
+    for _ in range(attempts):
+        committed(client, group, topic, len(starts))  # wait for pending transactional commits
+        request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p, o) for p, o in sorted(starts.items())])
+        future = client.alter_consumer_group_offsets([request], request_timeout=timeout)[group]
+        try:
+            result = future.result()
+        except KafkaException as e:
+            raise ReplayError(f"offsets of group {group} not changed: {e.args[0].str() if e.args else e} "
+                              "(a consumer of the group still running?)") from None
+        for tp in result.topic_partitions:
+            if tp.error is not None:
+                raise ReplayError(f"offset of group {group} on {topic}[{tp.partition}] not changed: "
+                                  f"{tp.error.str()}")
+        now = committed(client, group, topic, len(starts))
+        if all(now.get(p) == o for p, o in starts.items()):
+            return
+        log.info("offsets of group %s overwritten by a late transactional commit; setting them again", group)
+    raise ReplayError(f"offsets of group {group} did not stay where the replay set them (a consumer of the "
+                      "group still running?)")
 
 
 # -- state as of the replay start -----------------------------------------------------------------
@@ -210,7 +249,7 @@ def state_before(cfg: ConnectorConfig, lows: dict[int, int], starts: dict[int, i
             position = lows[p]
             while position < start:
                 if stop is not None and stop.is_set():
-                    raise ReplayError("replay interrupted while rebuilding the state")
+                    raise ReplayError("replay interrupted while deriving the state; nothing was changed")
                 for msg in reader.consume(1000, timeout=0.5):
                     if msg.error():
                         if msg.error().code() == KafkaError._PARTITION_EOF:
@@ -220,8 +259,8 @@ def state_before(cfg: ConnectorConfig, lows: dict[int, int], starts: dict[int, i
                         continue
                     try:
                         outcome = decide(codec.decode(msg.value()), states[p], policy, settings)
-                    except (codec.DecodeError, ValueError, KeyError, TypeError):
-                        skipped += 1  # the consumer sent it to the dead-letter topic
+                    except Exception:  # as in the consumer: the record's fault (dead-lettered there)
+                        skipped += 1
                         continue
                     states[p].apply(outcome.state)
                     events += 1
@@ -339,6 +378,12 @@ def replay(cfg: ConnectorConfig, since_ms: int | None, stop: threading.Event,
         start, end = where.starts[p], where.ends[p]
         log.info("%s[%d]: replay from offset %d to %d (low watermark %d)%s", topic, p, start, end, where.lows[p],
                  "" if start < end else ": nothing to replay")
+    if since_ms is not None:
+        lag = topic_configs(client, [topic]).get(topic, {}).get("min.compaction.lag.ms", "")
+        if lag.isdigit() and time.time() * 1000 - since_ms > int(lag):
+            log.warning("%s is older than min.compaction.lag.ms of %s (%s ms): compaction may have kept only "
+                        "the latest event of some keys, so the replay may differ from what the original wrote",
+                        _iso(since_ms), topic, lag)
     pending = where.pending()
     if not pending:
         log.info("nothing to replay on %s", topic)
@@ -355,7 +400,11 @@ def replay(cfg: ConnectorConfig, since_ms: int | None, stop: threading.Event,
     def done(consumer: ChangeConsumer) -> bool:
         if time.monotonic() - last_check[0] >= member_check_seconds:
             last_check[0] = time.monotonic()
-            members = active_members(client, group)
+            try:
+                members = active_members(client, group, timeout=0)
+            except (KafkaException, ReplayError) as e:
+                log.debug("members of group %s: %s", group, e)
+                members = 1
             if members > 1:
                 joined.append(members)
                 return True
@@ -379,6 +428,6 @@ def replay(cfg: ConnectorConfig, since_ms: int | None, stop: threading.Event,
                           f"the replay stopped after {stats.events} events: stop the other consumers and "
                           "run the replay again")
     if stop.is_set():
-        raise ReplayError(f"replay interrupted after {stats.events} events: run it again to finish "
-                          "(the group and the state topic are consistent, each up to where it stopped)")
+        raise ReplayError(f"replay interrupted after {stats.events} events: run it again, or start the "
+                          "consumers to continue from where it stopped (group and state topic agree)")
     return summary

@@ -119,19 +119,26 @@ def hazards(role: str, name: str, config: dict[str, str]) -> list[str]:
     return out
 
 
-def setting_warnings(client: AdminClient, cfg: ConnectorConfig, timeout: float = 15.0) -> list[str]:
-    """Hazards in the current settings of the change, state and producer-offsets topics (they may
-    have been created by someone else, or changed since)."""
-    t = cfg.kafka.topics
-    roles = {t.changes: "changes", t.state: "state", t.producer_offsets: "producer_offsets"}
-    resources = [ConfigResource(ResourceType.TOPIC, name) for name in roles]
-    out = []
+def topic_configs(client: AdminClient, names: list[str], timeout: float = 15.0) -> dict[str, dict[str, str]]:
+    """The current settings of topics (a topic that cannot be described is left out)."""
+    out = {}
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
     for resource, future in client.describe_configs(resources, request_timeout=timeout).items():
         try:
             entries = future.result()
         except KafkaException as e:
             log.debug("describe_configs %s: %s", resource.name, e)
             continue
-        config = {k: str(v.value) for k, v in entries.items() if v.value is not None}
-        out += hazards(roles[resource.name], resource.name, config)
+        out[resource.name] = {k: str(v.value) for k, v in entries.items() if v.value is not None}
+    return out
+
+
+def setting_warnings(client: AdminClient, cfg: ConnectorConfig, timeout: float = 15.0) -> list[str]:
+    """Hazards in the current settings of the change, state and producer-offsets topics (they may
+    have been created by someone else, or changed since)."""
+    t = cfg.kafka.topics
+    roles = {t.changes: "changes", t.state: "state", t.producer_offsets: "producer_offsets"}
+    out = []
+    for name, config in topic_configs(client, list(roles), timeout).items():
+        out += hazards(roles[name], name, config)
     return out
