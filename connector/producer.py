@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from connector import codec
 from connector.changes import entity_changed, entity_deleted, fingerprint, snapshot_marker, source_block
-from connector.config import ConnectorConfig
+from connector.config import ConfigError, ConnectorConfig
 from connector.events import SNAPSHOT_MARKER_KEY, ChangeEvent, Entity, EntityKind, kind_of_key
 from connector.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
 from connector.listing import full_listing
@@ -44,6 +44,7 @@ class Position:
     snapshot_seq: int = 0
     last_snapshot_ms: int | None = None
     watermarks: dict[str, int] = field(default_factory=dict)
+    partitions: int | None = None  # of the change topic when this position was written
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
@@ -51,7 +52,8 @@ class Position:
     @staticmethod
     def from_json(data: bytes) -> Position:
         d = json.loads(data)
-        return Position(d.get("snapshot_seq", 0), d.get("last_snapshot_ms"), dict(d.get("watermarks") or {}))
+        return Position(d.get("snapshot_seq", 0), d.get("last_snapshot_ms"), dict(d.get("watermarks") or {}),
+                        d.get("partitions"))
 
 
 @dataclass
@@ -136,7 +138,7 @@ class ChangeProducer:
             **k.producer_config,
         })
         self.producer.init_transactions(60)
-        self.position = Position()
+        self.position = Position(partitions=self.partitions)
         self.known = Known()
         self.published = self.known.fingerprints  # key -> fingerprint of the last published state
         self.experiment_names: dict[str, str] = {}
@@ -151,6 +153,13 @@ class ChangeProducer:
         for msg in read_to_end(self.bootstrap, self.topics.producer_offsets):
             if msg.key() == self.position_key and msg.value() is not None:
                 self.position = Position.from_json(msg.value())
+        if self.position.partitions not in (None, self.partitions):
+            raise ConfigError(
+                f"kafka.topics.changes: {self.topics.changes} has {self.partitions} partitions, but the connector "
+                f"wrote it with {self.position.partitions}. A new partition count moves entities between "
+                "partitions and their state with them; create new change and state topics and replay instead "
+                "(docs/operations.md)")
+        self.position.partitions = self.partitions
         events = 0
         for msg in read_to_end(self.bootstrap, self.topics.changes):
             events += 1
@@ -236,7 +245,7 @@ class ChangeProducer:
         summary = SnapshotSummary(snapshot_id, complete=False)
         self._end_offsets = {}
         self._commit(self._markers("SNAPSHOT_BEGIN", snapshot_id, started),
-                     Position(seq, self.position.last_snapshot_ms, self.position.watermarks))
+                     Position(seq, self.position.last_snapshot_ms, self.position.watermarks, self.partitions))
         log.info("snapshot %s started", snapshot_id)
         seen: set[str] = set()
         batch: list[tuple[ChangeEvent, int | None]] = []
@@ -274,7 +283,7 @@ class ChangeProducer:
         # (it listed fine, but too much is gone) waits for the next reconciliation like a complete one.
         blocked = summary.reason is not None and "fail_safe_threshold" in summary.reason
         position = Position(seq, started if summary.complete or blocked else self.position.last_snapshot_ms,
-                            watermarks.to_dict())
+                            watermarks.to_dict(), self.partitions)
         self._commit(final, position)
         summary.events += len(batch) + len(deletes)
         summary.deletes = len(deletes)
@@ -336,7 +345,7 @@ class ChangeProducer:
         changes = read_changes(self.reader, marks, self.known,
                                int(self.cfg.producer.watermark_overlap_seconds * 1000))
         position = Position(self.position.snapshot_seq, self.position.last_snapshot_ms,
-                            marks.advanced(changes.watermarks).to_dict())
+                            marks.advanced(changes.watermarks).to_dict(), self.partitions)
         return self._publish(changes, position)
 
     def refresh_model(self, names: Iterable[str]) -> int:

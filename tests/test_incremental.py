@@ -176,3 +176,21 @@ def test_logged_models_are_published_by_snapshot_and_cycles(client: MlflowClient
     event = [e for e in topic.all() if e["key"] == f"logged_model:{first.model_id}"][-1]
     assert event["after"]["status"] == "READY" and event["after"]["params"] == [{"key": "alpha", "value": "0.1"}]
     assert producer.cycle() == 0
+
+
+def test_a_new_partition_count_stops_the_producer(own_mlflow: MlflowServer, producer_and_topic: tuple) -> None:
+    from confluent_kafka.admin import NewPartitions
+
+    from connector.config import ConfigError
+    from connector.topics import admin
+
+    producer, topic, cfg = producer_and_topic
+    producer.snapshot()
+    producer.close()
+    client = admin(cfg)
+    futures = client.create_partitions([NewPartitions(cfg.kafka.topics.changes, 4)])
+    for future in futures.values():
+        future.result(30)
+    with pytest.raises(ConfigError) as error:
+        ChangeProducer(cfg, MlflowReader(cfg.reader_settings()))
+    assert "has 4 partitions, but the connector wrote it with 3" in str(error.value)
