@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -223,3 +223,27 @@ def snapshot_marker(
     }
     return {"op": op, "kind": "SNAPSHOT", "key": snapshot_key(snapshot_id), "after": marker, "source": source,
             "ts_ms": ts_ms}
+
+
+def fit_event(event: ChangeEvent, encode: Callable[[ChangeEvent], bytes], limit: int
+              ) -> tuple[ChangeEvent, bytes, str | None]:
+    """The event, encoded within `limit` bytes: an entity too large to travel (a run with very many
+    params) has its longest lists truncated, and the note says what was cut and of which entity."""
+    value = encode(event)
+    if len(value) <= limit or event["after"] is None:
+        return event, value, None
+    size = len(value)
+    after = dict(event["after"])
+    original = {name: len(v) for name, v in after.items() if isinstance(v, list)}
+    while len(value) > limit:
+        lists = {name: len(json.dumps(v)) for name, v in after.items() if isinstance(v, list) and v}
+        if not lists:
+            raise ValueError(f"{event['key']}: change event of {size} bytes cannot be reduced below {limit}")
+        largest = max(lists, key=lambda n: lists[n])
+        items = after[largest]
+        after[largest] = items[: int(len(items) * min(0.9, limit / len(value)))]
+        event = {**event, "after": after}  # type: ignore[typeddict-item]
+        value = encode(event)
+    cut = ", ".join(f"{name} {len(after[name])} of {n}" for name, n in original.items() if len(after[name]) != n)
+    return event, value, (f"{event['key']}: change event of {size} bytes is over the {limit}-byte limit of the "
+                          f"change topic; truncated to fit (kept {cut})")

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from connector import codec
-from connector.changes import entity_changed, entity_deleted, fingerprint, snapshot_marker, source_block
+from connector.changes import entity_changed, entity_deleted, fingerprint, fit_event, snapshot_marker, source_block
 from connector.config import ConfigError, ConnectorConfig
 from connector.events import SNAPSHOT_MARKER_KEY, ChangeEvent, Entity, EntityKind, kind_of_key
 from connector.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
 from connector.listing import full_listing
 from connector.mlflow_reader import MlflowReader, MlflowUnavailable
-from connector.topics import admin, partition_count
+from connector.topics import CHANGE_EVENT_MAX_BYTES, admin, partition_count
 from connector.transactions import commit_transaction
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class ChangeProducer:
             "transactional.id": f"{k.transactional_id_prefix}-producer",
             "transaction.timeout.ms": 60000,
             "linger.ms": 20,
+            "message.max.bytes": CHANGE_EVENT_MAX_BYTES,
             "logger": logging.getLogger("librdkafka"),
             **k.producer_config,
         })
@@ -179,9 +180,12 @@ class ChangeProducer:
 
     def _send(self, event: ChangeEvent, partition: int | None = None) -> None:
         kwargs = {} if partition is None else {"partition": partition}
+        event, value, note = fit_event(event, codec.encode, CHANGE_EVENT_MAX_BYTES - 64 * 1024)
+        if note:
+            log.warning("%s", note)
         while True:
             try:
-                self.producer.produce(self.topics.changes, key=event["key"].encode(), value=codec.encode(event),
+                self.producer.produce(self.topics.changes, key=event["key"].encode(), value=value,
                                       on_delivery=self._on_delivery, **kwargs)
                 return
             except BufferError:

@@ -14,6 +14,8 @@ from connector.config import ConfigError, ConnectorConfig
 log = logging.getLogger(__name__)
 
 WEEK_MS = 7 * 24 * 3600 * 1000
+# Largest change event: DataHub's GMS takes aspects up to 16 MB, so an event that big still maps.
+CHANGE_EVENT_MAX_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,10 @@ def specs(cfg: ConnectorConfig) -> list[TopicSpec]:
         # Compacted: the latest event of every entity survives forever, so a replay from the
         # beginning rebuilds every entity; a week of full history is kept before compaction, so
         # a replay from a timestamp within the week sees every change after it.
-        TopicSpec(t.changes, k.partitions, {**compact, "min.compaction.lag.ms": str(WEEK_MS)}),
+        # A run with thousands of params is a change event of several MB: the topic takes up to
+        # CHANGE_EVENT_MAX_BYTES (the broker's default is 1 MB).
+        TopicSpec(t.changes, k.partitions, {**compact, "min.compaction.lag.ms": str(WEEK_MS),
+                                            "max.message.bytes": str(CHANGE_EVENT_MAX_BYTES)}),
         # Co-partitioned with the change topic: partition p of the state holds the URNs that
         # events of change partition p made exist.
         TopicSpec(t.state, k.partitions, compact),

@@ -364,3 +364,18 @@ def test_unknown_keys_are_rejected() -> None:
         kind_of_key("dataset:x")
     with pytest.raises(ValueError):
         entity_key("SNAPSHOT", _states()["experiment"])
+
+
+def test_an_oversized_change_event_is_truncated_with_a_note() -> None:
+    from connector import codec
+
+    run = changes.run_state(
+        mo.run("r" * 32, params={f"p{i:05d}": "x" * 500 for i in range(3000)}), "exp", [])
+    event = changes.entity_changed("UPDATE", "RUN", run, changes.source_block("http://m", "http://m", 1), 2)
+    assert len(codec.encode(event)) > 1_000_000
+    fitted, value, note = changes.fit_event(event, codec.encode, 1_000_000)
+    assert len(value) <= 1_000_000 and codec.decode(value) == fitted
+    assert 0 < len(fitted["after"]["params"]) < 3000
+    assert note is not None and event["key"] in note and "params" in note and "of 3000" in note
+    small, same, none = changes.fit_event(fitted, codec.encode, 1_000_000)
+    assert none is None and small is fitted and same == value
