@@ -35,8 +35,10 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("urllib3", "httpx", "httpx2", "mlflow", "datahub", "alembic"):
+    for noisy in ("httpx", "httpx2", "mlflow", "datahub", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow's HTTP retries: the connector says what it retries in its own line.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def _stop_on_signals() -> threading.Event:

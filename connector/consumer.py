@@ -3,9 +3,10 @@
 Reads the change topic with `isolation.level=read_committed`; for each batch it writes the MCPs,
 the state changes and the consumed offsets in one Kafka transaction. A malformed record goes to
 the dead-letter topic (in the same transaction) with the error in its headers, and so does an
-event whose MCP cannot be made to fit the broker's message size. If writing fails (broker or
-schema registry unreachable), the transaction is aborted, the in-memory state is rolled back, and
-the same batch is retried with backoff: nothing is acknowledged that was not written.
+event whose MCP cannot be made to fit the broker's message size (an MCP over it is truncated
+first, as DataHub does). If writing fails (broker or schema registry unreachable), the transaction
+is aborted, the in-memory state is rolled back, and the batch is read again after a backoff:
+nothing is acknowledged that was not written.
 """
 
 from __future__ import annotations
@@ -19,21 +20,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.serialization import SerializationError
 from datahub.emitter.mcp import MetadataChangeProposalWrapper
 
 from connector import codec, state_store
 from connector.config import ConnectorConfig
-from connector.events import ChangeEvent, SnapshotMarker
-from connector.mapping import to_mcps
+from connector.kafka_logging import KafkaErrors, librdkafka_logger
 from connector.mcp_topic import McpSerializer, RegistryUnavailable
-from connector.oversize import CannotFit, fit_to_size
-from connector.state import Decider, Entry, Outcome, PartitionState, Policy
+from connector.oversize import fit_to_size
+from connector.state import Entry, PartitionState, Policy, decide
+from connector.transactions import commit_transaction
 
 log = logging.getLogger(__name__)
 
 # Room left in a message for its key, headers and record framing (librdkafka counts them against
 # message.max.bytes, the broker against its own limit).
 RECORD_OVERHEAD_BYTES = 512
+
+RETRY_MAX_SECONDS = 30.0
+SEND_OFFSETS_TIMEOUT_S = 10.0
+WEDGE_GRACE_S = 5.0
+
+
+class WriterWedged(Exception):
+    """A transactional call of the MCP writer did not return in time; the writer is replaced."""
 
 
 @dataclass
@@ -43,6 +53,8 @@ class ConsumerStats:
     unchanged: int = 0
     dead_letters: int = 0
     soft_deletes: int = 0
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class _Undo:
@@ -70,15 +82,21 @@ class _Undo:
                 states[partition].open_snapshot = snapshot
 
 
-def consumer_config(cfg: ConnectorConfig, group: str | None = None) -> dict[str, object]:
+def consumer_config(cfg: ConnectorConfig, group: str | None = None, instance_id: str | None = None
+                    ) -> dict[str, object]:
+    """Settings of the change-topic consumer. With an instance id, the membership is static
+    (KIP-345): a restarted instance takes its partitions back at once, without a rebalance, and an
+    instance that is gone for good hands them over after `session.timeout.ms`."""
+    static = {"group.instance.id": instance_id, "session.timeout.ms": 15000} if instance_id else {}
     return {
         "bootstrap.servers": cfg.kafka.resolved_bootstrap(),
         "group.id": group or cfg.kafka.consumer_group,
+        **static,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "max.poll.interval.ms": 600000,
-        "logger": logging.getLogger("librdkafka"),
+        "logger": librdkafka_logger(),
         **cfg.kafka.consumer_config,
     }
 
@@ -94,24 +112,35 @@ class ChangeConsumer:
         self.policy = Policy(stateful.enabled, stateful.remove_stale_metadata, stateful.fail_safe_threshold)
         self.serializer = McpSerializer(k.resolved_schema_registry(), k.schema_registry_config, k.topics.mcp)
         self.max_message_bytes = cfg.consumer.max_message_bytes
-        self.registry_url = self.serializer.registry_url
         self.states: dict[int, PartitionState] = {}
         self.positions: dict[int, int] = {}
         self.stats = ConsumerStats()
         self.instance_id = instance_id or socket.gethostname()
-        self.consumer = Consumer({**consumer_config(cfg)})
-        self.producer = Producer({
+        self.consumer = Consumer({"error_cb": KafkaErrors("consumer", self.bootstrap),
+                                  **consumer_config(cfg, instance_id=self.instance_id)})
+        self.transactional_id = f"{k.transactional_id_prefix}-consumer-{self.instance_id}"
+        self._wedged: list[Producer] = []  # writers abandoned in a librdkafka call that never returned
+        self._failures = 0  # failed attempts to write the current batch
+        self._delay = 1.0  # backoff before the next attempt
+        self.producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        """The transactional writer of MCPs, state and offsets. A new one with the same
+        transactional.id fences the previous one: its open transaction is aborted."""
+        producer = Producer({
             "bootstrap.servers": self.bootstrap,
-            "transactional.id": f"{k.transactional_id_prefix}-consumer-{self.instance_id}",
+            "transactional.id": self.transactional_id,
             "transaction.timeout.ms": 30000,
             "linger.ms": 20,
             # librdkafka refuses messages over 1,000,000 bytes by default; allow what
             # consumer.max_message_bytes allows (the MCP topic's own limit must allow it too).
             "message.max.bytes": max(1_000_000, self.max_message_bytes + RECORD_OVERHEAD_BYTES),
-            "logger": logging.getLogger("librdkafka"),
-            **k.producer_config,
+            "logger": librdkafka_logger(),
+            "error_cb": KafkaErrors("consumer's MCP writer", self.bootstrap),
+            **self.cfg.kafka.producer_config,
         })
-        self.producer.init_transactions(60)
+        producer.init_transactions(60)
+        return producer
 
     # -- partition assignment --------------------------------------------------------------------
 
@@ -162,47 +191,110 @@ class ChangeConsumer:
         return True
 
     def _process_batch(self, batch: list[Message], stop: threading.Event) -> None:
-        delay = 1.0
-        failures = 0
-        while True:
-            undo = _Undo()
-            stats = ConsumerStats()
-            try:
-                self.producer.begin_transaction()
-                for msg in batch:
-                    self._process(msg, undo, stats)
-                offsets: dict[int, int] = {}
-                for msg in batch:
-                    offsets[msg.partition()] = max(offsets.get(msg.partition(), 0), msg.offset() + 1)
-                self.producer.send_offsets_to_transaction(
-                    [TopicPartition(self.topics.changes, p, o) for p, o in offsets.items()],
-                    self.consumer.consumer_group_metadata(), 60)
-                self.producer.commit_transaction(60)
-            except Exception as e:
-                undo.rollback(self.states)
+        """Write a batch in one transaction. When that fails, nothing of it is acknowledged: the
+        in-memory state is rolled back, the partitions are rewound to the batch's first offsets,
+        and after a backoff the main loop reads the batch again. (Going back to consume() rather
+        than retrying in place keeps the consumer in its group through a long outage, and a
+        rebalance meanwhile is honoured.)"""
+        undo = _Undo()
+        stats = ConsumerStats()
+        offsets: dict[int, int] = {}
+        for msg in batch:
+            offsets[msg.partition()] = max(offsets.get(msg.partition(), 0), msg.offset() + 1)
+        try:
+            self.producer.begin_transaction()
+            for msg in batch:
+                self._process(msg, undo, stats)
+            self._send_offsets([TopicPartition(self.topics.changes, p, o) for p, o in offsets.items()])
+            commit_transaction(self.producer)
+        except Exception as e:
+            undo.rollback(self.states)
+            wedged = isinstance(e, WriterWedged)
+            if not wedged:
                 self._abort(e)
-                failures += 1
-                if stop.is_set():
-                    log.warning("consumer stopping: batch of %d events not written (%s); nothing of it was "
-                                "acknowledged, it is read again on restart", len(batch), self._describe(e))
-                    return
-                log.warning("consumer: batch of %d events not written (%s); nothing acknowledged, retry %d in %.0f s",
-                            len(batch), self._describe(e), failures, delay)
-                stop.wait(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            if failures:
-                log.info("consumer: batch of %d events written after %d failed attempts", len(batch), failures)
-            self.positions.update(offsets)
-            self.stats.events += stats.events
-            self.stats.mcps.update(stats.mcps)
-            self.stats.unchanged += stats.unchanged
-            self.stats.dead_letters += stats.dead_letters
-            self.stats.soft_deletes += stats.soft_deletes
+            self._rewind(batch)
+            self._failures += 1
+            if stop.is_set():
+                log.warning("consumer stopping: batch of %d events not written (%s); nothing of it was "
+                            "acknowledged, it is read again on restart", len(batch), self._describe(e))
+                return
+            log.warning("consumer: batch of %d events not written (%s); nothing acknowledged, retry %d in %.0f s",
+                        len(batch), self._describe(e), self._failures, self._delay)
+            if wedged:
+                self._replace_producer()
+            stop.wait(self._delay)
+            self._delay = min(self._delay * 2, RETRY_MAX_SECONDS)
             return
+        if self._failures:
+            log.info("consumer: batch of %d events written after %d failed attempts", len(batch), self._failures)
+            self._failures, self._delay = 0, 1.0
+        self.positions.update(offsets)
+        for note in stats.notes:
+            log.info("%s", note)
+        for warning in stats.warnings:
+            log.warning("%s", warning)
+        self.stats.events += stats.events
+        self.stats.mcps.update(stats.mcps)
+        self.stats.unchanged += stats.unchanged
+        self.stats.dead_letters += stats.dead_letters
+        self.stats.soft_deletes += stats.soft_deletes
+
+    def _rewind(self, batch: list[Message]) -> None:
+        """Seek each partition of the batch back to its first record in the batch."""
+        first: dict[int, int] = {}
+        for msg in batch:
+            first[msg.partition()] = min(first.get(msg.partition(), msg.offset()), msg.offset())
+        for partition, offset in first.items():
+            try:
+                self.consumer.seek(TopicPartition(self.topics.changes, partition, offset))
+            except KafkaException as e:  # no longer assigned: its next owner starts at the committed offset
+                log.debug("rewinding %s[%d]: %s", self.topics.changes, partition, e)
+
+    def _send_offsets(self, offsets: list[TopicPartition], timeout: float = SEND_OFFSETS_TIMEOUT_S) -> None:
+        """send_offsets_to_transaction with a deadline that holds. librdkafka up to at least 2.16
+        ignores the call's timeout when the group coordinator is lost meanwhile (a broker restart)
+        and can block forever (librdkafka issues #5456, #5511); the call runs in a helper thread,
+        and one that does not return in time raises WriterWedged."""
+        group = self.consumer.consumer_group_metadata()
+        producer = self.producer
+        outcome: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                producer.send_offsets_to_transaction(offsets, group, timeout)
+                outcome.append(None)
+            except BaseException as e:  # handed to the caller
+                outcome.append(e)
+
+        helper = threading.Thread(target=call, name="send-offsets", daemon=True)
+        helper.start()
+        helper.join(timeout + WEDGE_GRACE_S)
+        if not outcome:
+            raise WriterWedged(f"send_offsets_to_transaction did not return in {timeout + WEDGE_GRACE_S:.0f} s "
+                               "(group coordinator lost; librdkafka #5456)")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _replace_producer(self) -> None:
+        """Abandon a writer stuck in librdkafka (it is never touched again: destroying it could
+        block too) and start a new one with the same transactional.id, which fences the old one."""
+        self._wedged.append(self.producer)
+        log.warning("consumer: replacing the MCP writer (transactional.id %s); the stuck one's open transaction "
+                    "is aborted by Kafka", self.transactional_id)
+        while True:
+            try:
+                self.producer = self._new_producer()
+                return
+            except KafkaException as e:
+                if e.args and isinstance(e.args[0], KafkaError) and e.args[0].fatal():
+                    raise
+                log.warning("consumer: new MCP writer not ready (%s); retrying in 5 s", self._describe(e))
+                time.sleep(5)
 
     def _describe(self, error: Exception) -> str:
         """What failed, for people: which system, and its own words."""
+        if isinstance(error, WriterWedged):
+            return f"Kafka at {self.bootstrap}: {error}"
         if isinstance(error, RegistryUnavailable):
             return str(error)
         if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError):
@@ -232,7 +324,7 @@ class ChangeConsumer:
         state = self.states.setdefault(partition, PartitionState())
         try:
             event = codec.decode(msg.value())
-            outcome = self._decide(event, state)
+            outcome = decide(event, state, self.policy, self.settings)
         except Exception as e:  # decoding and mapping are pure: what fails here is the record's fault
             self._dead_letter(msg, e)
             stats.dead_letters += 1
@@ -241,15 +333,21 @@ class ChangeConsumer:
         # all. The registry being unreachable raises RegistryUnavailable: the batch is retried.
         try:
             records = [self._serialize(mcp) for mcp in outcome.mcps]
-        except CannotFit as e:
-            log.error("%s", e)
+        except RegistryUnavailable:
+            raise
+        except Exception as e:
+            if isinstance(e, KafkaException) and not isinstance(e, SerializationError):
+                raise
+            # This event's MCPs cannot be written (too large even when truncated, or not
+            # serialisable): it must not block the partition, and must not vanish either.
+            log.error("%s: its MCPs cannot be written (%s)", event["key"], _short(e))
             self._dead_letter(msg, e)
             stats.dead_letters += 1
             return
         stats.events += 1
         stats.unchanged += outcome.skipped
-        for note in outcome.notes:
-            log.info("%s", note)
+        stats.notes.extend(outcome.notes)  # logged once the batch is committed
+        stats.warnings.extend(outcome.warnings)
         for mcp, key, value in records:
             self._produce(self.topics.mcp, key, value)
             stats.mcps[str(mcp.aspectName)] += 1
@@ -258,22 +356,6 @@ class ChangeConsumer:
         undo.remember(partition, state, outcome.state)
         state_store.write(self.producer, self.topics.state, partition, outcome.state)
         state.apply(outcome.state)
-
-    def _decide(self, event: ChangeEvent, state: PartitionState) -> Outcome:
-        decider = Decider(state, self.policy)
-        if event["kind"] == "SNAPSHOT":
-            marker: SnapshotMarker = event["after"]  # type: ignore[assignment]
-            if event["op"] == "SNAPSHOT_BEGIN":
-                return decider.snapshot_begin(marker["snapshot_id"])
-            return decider.snapshot_end(marker["snapshot_id"], marker["complete"])
-        if event["op"] == "DELETE":
-            return decider.deleted(event)
-        transformed = to_mcps(event, self.settings)
-        for warning in transformed.warnings:
-            log.warning("%s", warning)
-        if transformed.entity is None:
-            raise ValueError(f"{event['op']} event of {event['key']} carries no entity state")
-        return decider.entity(event, transformed.entity)
 
     def _serialize(self, mcp: MetadataChangeProposalWrapper) -> tuple[MetadataChangeProposalWrapper, bytes, bytes]:
         """(MCP as written, key, value); an MCP over the message size is truncated, with a warning."""

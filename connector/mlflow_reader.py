@@ -119,7 +119,8 @@ class MlflowReader:
                     raise MlflowUnavailable(
                         f"MLflow at {self.settings.tracking_uri} did not answer {what} for {waited:.0f} s: "
                         f"{_short(e)}") from None
-                log.warning("MLflow unreachable (%s: %s); retry %d in %.0f s", what, _short(e), attempt, delay)
+                log.warning("MLflow at %s unreachable (%s: %s); retry %d in %.0f s", self.settings.tracking_uri, what,
+                            _reason(e), attempt, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
 
@@ -193,3 +194,14 @@ class MlflowReader:
 def _short(error: Exception) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text[:200]
+
+
+def _reason(error: Exception) -> str:
+    """The cause of a failed request in a few words (MLflow's own message repeats the whole URL)."""
+    text = str(error)
+    for cause in ("Connection refused", "timed out", "Name or service not known", "Connection reset",
+                  "Remote end closed connection", "429", "502", "503", "504", "500"):
+        if cause in text:
+            return {"429": "HTTP 429 Too Many Requests", "500": "HTTP 500", "502": "HTTP 502", "503": "HTTP 503",
+                    "504": "HTTP 504"}.get(cause, cause)
+    return _short(error)

@@ -21,9 +21,19 @@ class CannotFit(ValueError):
     """The aspect is too large even with every list and map emptied."""
 
 
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_obj"):
+        return value.to_obj()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _json_size(value: Any) -> int:
-    obj = value.to_obj() if hasattr(value, "to_obj") else value
-    return len(json.dumps(pre_json_transform(obj)))
+    """Bytes of the value in the aspect's JSON, as DataHub serialises it."""
+    return len(json.dumps(pre_json_transform(_plain(value))))
 
 
 def _collections(aspect: object) -> dict[str, int]:

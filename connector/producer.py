@@ -25,6 +25,7 @@ from connector.changes import entity_changed, entity_deleted, fingerprint, fit_e
 from connector.config import ConfigError, ConnectorConfig
 from connector.events import SNAPSHOT_MARKER_KEY, ChangeEvent, Entity, EntityKind, kind_of_key
 from connector.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
+from connector.kafka_logging import KafkaErrors, librdkafka_logger
 from connector.listing import full_listing
 from connector.mlflow_reader import MlflowReader, MlflowUnavailable
 from connector.topics import CHANGE_EVENT_MAX_BYTES, admin, partition_count
@@ -71,7 +72,7 @@ def read_to_end(bootstrap: str, topic: str, extra: dict[str, object] | None = No
     """Every committed record of a topic, from the beginning to its current end."""
     reader = Consumer({"bootstrap.servers": bootstrap, "group.id": "mlflow-datahub-restore",
                        "enable.auto.commit": False, "isolation.level": "read_committed",
-                       "enable.partition.eof": True, **(extra or {})})
+                       "enable.partition.eof": True, "logger": librdkafka_logger(), **(extra or {})})
     try:
         meta = reader.list_topics(topic, timeout=30).topics[topic]
         pending = set()
@@ -135,7 +136,8 @@ class ChangeProducer:
             "transaction.timeout.ms": 60000,
             "linger.ms": 20,
             "message.max.bytes": CHANGE_EVENT_MAX_BYTES,
-            "logger": logging.getLogger("librdkafka"),
+            "logger": librdkafka_logger(),
+            "error_cb": KafkaErrors("producer", self.bootstrap),
             **k.producer_config,
         })
         self.producer.init_transactions(60)
@@ -180,7 +182,11 @@ class ChangeProducer:
 
     def _send(self, event: ChangeEvent, partition: int | None = None) -> None:
         kwargs = {} if partition is None else {"partition": partition}
-        event, value, note = fit_event(event, codec.encode, CHANGE_EVENT_MAX_BYTES - 64 * 1024)
+        try:
+            event, value, note = fit_event(event, codec.encode, CHANGE_EVENT_MAX_BYTES - 64 * 1024)
+        except ValueError as e:
+            log.error("%s: not published (%s); its last published state stays in DataHub", event["key"], e)
+            return
         if note:
             log.warning("%s", note)
         while True:

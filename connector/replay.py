@@ -38,9 +38,8 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from connector import codec, state_store
 from connector.config import ConnectorConfig
 from connector.consumer import ChangeConsumer
-from connector.events import ChangeEvent, SnapshotMarker
-from connector.mapping import MappingSettings, to_mcps
-from connector.state import SNAPSHOT_KEY, Decider, Entry, Outcome, PartitionState, Policy
+from connector.kafka_logging import librdkafka_logger
+from connector.state import SNAPSHOT_KEY, Entry, PartitionState, Policy, decide
 from connector.topics import admin, partition_count, topic_configs
 
 log = logging.getLogger(__name__)
@@ -203,22 +202,6 @@ def rewind(client: AdminClient, group: str, topic: str, starts: dict[int, int], 
 # -- state as of the replay start -----------------------------------------------------------------
 
 
-def decide(event: ChangeEvent, state: PartitionState, policy: Policy, settings: MappingSettings) -> Outcome:
-    """The consumer's decision for one event (ChangeConsumer._decide, without its logging)."""
-    decider = Decider(state, policy)
-    if event["kind"] == "SNAPSHOT":
-        marker: SnapshotMarker = event["after"]  # type: ignore[assignment]
-        if event["op"] == "SNAPSHOT_BEGIN":
-            return decider.snapshot_begin(marker["snapshot_id"])
-        return decider.snapshot_end(marker["snapshot_id"], marker["complete"])
-    if event["op"] == "DELETE":
-        return decider.deleted(event)
-    transformed = to_mcps(event, settings)
-    if transformed.entity is None:
-        raise ValueError("event maps to no entity")
-    return decider.entity(event, transformed.entity)
-
-
 def state_before(cfg: ConnectorConfig, lows: dict[int, int], starts: dict[int, int],
                  stop: threading.Event | None = None, stall_seconds: float = 120.0) -> dict[int, PartitionState]:
     """The consumer's state just before each partition's start offset, derived from the events
@@ -237,7 +220,7 @@ def state_before(cfg: ConnectorConfig, lows: dict[int, int], starts: dict[int, i
         "group.id": f"{k.consumer_group}-replay-state",  # assign() only, never commits
         "enable.auto.commit": False,
         "isolation.level": "read_committed",
-        "logger": logging.getLogger("librdkafka"),
+        "logger": librdkafka_logger(),
         **{key: v for key, v in k.consumer_config.items() if key.startswith(("security.", "sasl.", "ssl."))},
     })
     started = time.monotonic()
@@ -307,7 +290,7 @@ def rewrite_state(cfg: ConnectorConfig, states: dict[int, PartitionState]) -> tu
         "transactional.id": f"{k.transactional_id_prefix}-replay",
         "transaction.timeout.ms": 300000,
         "linger.ms": 20,
-        "logger": logging.getLogger("librdkafka"),
+        "logger": librdkafka_logger(),
         **k.producer_config,
     })
     producer.init_transactions(60)

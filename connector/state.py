@@ -21,9 +21,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from datahub.emitter.mcp import MetadataChangeProposalWrapper
+from datahub.metadata.schema_classes import SystemMetadataClass
 
-from connector.events import ChangeEvent
-from connector.mapping import EntityMcps, removal_mcp, removal_mcps
+from connector.events import ChangeEvent, SnapshotMarker
+from connector.mapping import EntityMcps, MappingSettings, removal_mcp, removal_mcps, to_mcps
 
 SNAPSHOT_KEY = "__snapshot__"
 
@@ -130,7 +131,8 @@ class Outcome:
 
     mcps: list[MetadataChangeProposalWrapper] = field(default_factory=list)
     state: dict[str, Entry | None] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was decided, for an INFO line
+    warnings: list[str] = field(default_factory=list)  # what was refused or cut, for a WARNING line
     skipped: int = 0
 
 
@@ -235,7 +237,7 @@ class Decider:
         if stale:
             percent = 100.0 * len(stale) / len(known)
             if percent > self.policy.fail_safe_threshold:
-                outcome.notes.append(
+                outcome.warnings.append(
                     f"snapshot {snapshot_id}: {len(stale)} of {len(known)} entities ({percent:.0f}%) would be "
                     f"soft-deleted, more than fail_safe_threshold {self.policy.fail_safe_threshold:g}%: "
                     "nothing deleted")
@@ -245,3 +247,30 @@ class Decider:
             self._soft_delete(urn, None, outcome)
         self._forget(sorted(urn for urn, e in owned.items() if e.removed and e.seen != snapshot_id), outcome)
         return outcome
+
+
+def decide(event: ChangeEvent, state: PartitionState, policy: Policy, settings: MappingSettings) -> Outcome:
+    """What to write for one change event, given the state of its partition: the consumer's (and a
+    replay's) whole decision, pure. Raises ValueError for an entity event without entity state."""
+    decider = Decider(state, policy)
+    if event["kind"] == "SNAPSHOT":
+        marker: SnapshotMarker = event["after"]  # type: ignore[assignment]
+        if event["op"] == "SNAPSHOT_BEGIN":
+            return decider.snapshot_begin(marker["snapshot_id"])
+        return decider.snapshot_end(marker["snapshot_id"], marker["complete"])
+    if event["op"] == "DELETE":
+        outcome = decider.deleted(event)
+    elif event["kind"] == "LOGGED_MODEL":
+        return Outcome()  # published for other consumers; no DataHub mapping (docs/compatibility.md)
+    else:
+        transformed = to_mcps(event, settings)
+        if transformed.entity is None:
+            raise ValueError(f"{event['op']} event of {event['key']} carries no entity state")
+        outcome = decider.entity(event, transformed.entity)
+        outcome.warnings.extend(transformed.warnings)
+    # Soft deletes decided here carry the same system metadata as the event's own proposals.
+    metadata = SystemMetadataClass(lastObserved=event["source"]["read_at_ms"], runId=settings.run_id)
+    for mcp in outcome.mcps:
+        if mcp.systemMetadata is None:
+            mcp.systemMetadata = metadata
+    return outcome

@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import time
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from connector.kafka_logging import librdkafka_logger
 from connector.state import SNAPSHOT_KEY, Entry, PartitionState
 
 log = logging.getLogger(__name__)
@@ -16,7 +17,8 @@ log = logging.getLogger(__name__)
 
 def restore(bootstrap: str, topic: str, partitions: list[int], extra: dict[str, object] | None = None,
             timeout: float = 120.0) -> dict[int, PartitionState]:
-    """Read the given state partitions from the beginning to their end."""
+    """Read the given state partitions from the beginning to their end. While the broker is not
+    ready (restarting, leadership moving) the read is retried until `timeout`."""
     states = {p: PartitionState() for p in partitions}
     if not partitions:
         return states
@@ -27,18 +29,19 @@ def restore(bootstrap: str, topic: str, partitions: list[int], extra: dict[str, 
         "isolation.level": "read_committed",
         "enable.partition.eof": True,
         "auto.offset.reset": "earliest",
+        "logger": librdkafka_logger(),
         **(extra or {}),
     })
     try:
+        deadline = time.monotonic() + timeout
         pending = set(partitions)
         ends: dict[int, int] = {}
         for p in partitions:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            low, high = _watermarks(reader, TopicPartition(topic, p), deadline)
             ends[p] = high
             if high <= low:
                 pending.discard(p)
         reader.assign([TopicPartition(topic, p, 0) for p in pending])
-        deadline = time.monotonic() + timeout
         records = 0
         while pending:
             if time.monotonic() > deadline:
@@ -50,7 +53,10 @@ def restore(bootstrap: str, topic: str, partitions: list[int], extra: dict[str, 
                     if msg.error().code() == KafkaError._PARTITION_EOF:
                         pending.discard(p)
                         continue
-                    raise RuntimeError(f"reading state topic {topic}[{p}]: {msg.error()}")
+                    if msg.error().fatal():
+                        raise RuntimeError(f"reading state topic {topic}[{p}]: {msg.error()}")
+                    log.debug("reading state topic %s[%d]: %s", topic, p, msg.error())  # retried until deadline
+                    continue
                 records += 1
                 key = msg.key().decode()
                 value = msg.value()
@@ -62,6 +68,21 @@ def restore(bootstrap: str, topic: str, partitions: list[int], extra: dict[str, 
         return states
     finally:
         reader.close()
+
+
+def _watermarks(reader: Consumer, tp: TopicPartition, deadline: float) -> tuple[int, int]:
+    delay = 0.5
+    while True:
+        try:
+            return reader.get_watermark_offsets(tp, timeout=min(30.0, max(deadline - time.monotonic(), 1.0)))
+        except KafkaException as e:
+            error = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+            if (error is not None and error.fatal()) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("state topic %s[%d] not readable yet (%s); retrying in %.1f s", tp.topic, tp.partition,
+                        error.str() if error is not None else e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def write(producer: Producer, topic: str, partition: int, changes: dict[str, Entry | None]) -> None:

@@ -379,3 +379,17 @@ def test_an_oversized_change_event_is_truncated_with_a_note() -> None:
     assert note is not None and event["key"] in note and "params" in note and "of 3000" in note
     small, same, none = changes.fit_event(fitted, codec.encode, 1_000_000)
     assert none is None and small is fitted and same == value
+
+
+def test_an_oversized_model_version_event_cuts_its_runs_params_not_its_links() -> None:
+    from connector import codec
+
+    run = changes.run_state(mo.run("r" * 32, params={f"p{i:05d}": "x" * 500 for i in range(3000)}), "exp", [])
+    version = changes.model_version_state(mo.model_version(), ["champion"], changes.run_summary(run))
+    source = changes.source_block("http://m", "http://m", 1)
+    event = changes.entity_changed("UPDATE", "MODEL_VERSION", version, source, 2)
+    fitted, value, note = changes.fit_event(event, codec.encode, 1_000_000)
+    assert len(value) <= 1_000_000
+    assert 0 < len(fitted["after"]["run"]["params"]) < 3000
+    assert fitted["after"]["aliases"] == ["champion"]
+    assert note is not None and "run.params" in note

@@ -391,8 +391,8 @@ def test_more_than_the_fail_safe_threshold_deletes_nothing() -> None:
     end = snapshot(state, DELETES, "s2", [])  # 4 of 4 gone: 100%
     assert end.mcps == []
     assert end.state == {SNAPSHOT_KEY: None}
-    assert len(end.notes) == 1 and "4 of 4 entities (100%)" in end.notes[0]
-    assert "fail_safe_threshold 75%" in end.notes[0] and "nothing deleted" in end.notes[0]
+    assert end.notes == [] and len(end.warnings) == 1 and "4 of 4 entities (100%)" in end.warnings[0]
+    assert "fail_safe_threshold 75%" in end.warnings[0] and "nothing deleted" in end.warnings[0]
     assert len([e for e in state.entries.values() if e.owner]) == 4, "entities carried over"
 
 
