@@ -82,16 +82,13 @@ class _Undo:
                 states[partition].open_snapshot = snapshot
 
 
-def consumer_config(cfg: ConnectorConfig, group: str | None = None, instance_id: str | None = None
-                    ) -> dict[str, object]:
-    """Settings of the change-topic consumer. With an instance id, the membership is static
-    (KIP-345): a restarted instance takes its partitions back at once, without a rebalance, and an
-    instance that is gone for good hands them over after `session.timeout.ms`."""
-    static = {"group.instance.id": instance_id, "session.timeout.ms": 15000} if instance_id else {}
+def consumer_config(cfg: ConnectorConfig, group: str | None = None) -> dict[str, object]:
+    """Settings of the change-topic consumer. Membership is dynamic: a stopped instance leaves the
+    group at once (static membership would keep it listed for a session timeout, and `replay`
+    could not tell a stopped consumer from a running one)."""
     return {
         "bootstrap.servers": cfg.kafka.resolved_bootstrap(),
         "group.id": group or cfg.kafka.consumer_group,
-        **static,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
@@ -117,7 +114,7 @@ class ChangeConsumer:
         self.stats = ConsumerStats()
         self.instance_id = instance_id or socket.gethostname()
         self.consumer = Consumer({"error_cb": KafkaErrors("consumer", self.bootstrap),
-                                  **consumer_config(cfg, instance_id=self.instance_id)})
+                                  **consumer_config(cfg)})
         self.transactional_id = f"{k.transactional_id_prefix}-consumer-{self.instance_id}"
         self._wedged: list[Producer] = []  # writers abandoned in a librdkafka call that never returned
         self._failures = 0  # failed attempts to write the current batch
