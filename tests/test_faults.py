@@ -525,7 +525,7 @@ def test_broker_restart_mid_stream(own_mlflow: MlflowServer, base: Entities, own
 
     log = run.log()
     outage = log[restart_at:]
-    said = [line for line in outage.splitlines() if " WARNING connector.consumer: " in line
+    said = [line for line in outage.splitlines() if " WARNING connector.kafka: consumer: " in line
             and f"Kafka at {bootstrap}" in line and "keeps retrying" in line]
     assert said, outage[-4000:]
     # librdkafka reports every reconnect attempt; one line per kind of message is kept.
