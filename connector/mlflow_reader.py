@@ -28,7 +28,9 @@ T = TypeVar("T")
 
 # MLflow's server-side caps per page (ANCHORS: search_runs/experiments 50,000; versions 200,000;
 # registered models 1,000). Defaults stay below them to keep responses a few MB at most.
-RUNS_PER_EXPERIMENT_BATCH = 100
+# Experiments per search: one search covers up to this many (MLflow takes the ids in one IN clause),
+# so an idle cycle costs the same number of requests whatever the store size, up to this many.
+RUNS_PER_EXPERIMENT_BATCH = 1000
 
 # MLflow's HTTP client retries each request itself (7 times with factor-2 backoff by default,
 # which hides an outage for minutes); keep its retries short and do the waiting here, with logs.
