@@ -14,9 +14,39 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
-from datahub.emitter.mcp import MetadataChangeProposalWrapper
-from datahub.metadata.schema_classes import MetadataChangeProposalClass
+from datahub.emitter.mcp import MetadataChangeProposalWrapper, _make_generic_aspect
+from datahub.metadata.schema_classes import GenericAspectClass, MetadataChangeProposalClass
 from datahub.metadata.schemas import getMetadataChangeProposalSchema
+
+_MEMO = "_mlflow_datahub_generic_aspect"
+
+
+def generic_aspect(mcp: MetadataChangeProposalWrapper) -> GenericAspectClass:
+    """The aspect as DataHub serialises it into the MCP (`make_mcp`'s own `_make_generic_aspect`),
+    computed once per proposal: the state's fingerprint and the Avro value both use it."""
+    cached = mcp.__dict__.get(_MEMO)
+    if cached is not None and cached[0] is mcp.aspect:
+        return cached[1]
+    assert mcp.aspect is not None
+    generic = _make_generic_aspect(mcp.aspect)
+    mcp.__dict__[_MEMO] = (mcp.aspect, generic)
+    return generic
+
+
+def forget(mcp: MetadataChangeProposalWrapper) -> MetadataChangeProposalWrapper:
+    """Drop the cached serialisation (before changing the aspect in place)."""
+    mcp.__dict__.pop(_MEMO, None)
+    return mcp
+
+
+def proposal(mcp: MetadataChangeProposalWrapper) -> MetadataChangeProposalClass:
+    """`mcp.make_mcp()`, reusing the cached aspect serialisation. `MetadataChangeProposalWrapper.to_obj`
+    is `make_mcp().to_obj()`, so the emitter's bytes and these are the same."""
+    if mcp.entityKeyAspect is not None:
+        return mcp.make_mcp()
+    made = mcp._make_mcp_without_aspects()
+    made.aspect = generic_aspect(mcp)
+    return made
 
 
 def _to_dict(mcp: MetadataChangeProposalWrapper | MetadataChangeProposalClass, ctx: Any) -> dict:
@@ -52,7 +82,7 @@ class McpSerializer:
         """Confluent wire format; the schema is registered (once, then cached) on first use.
         Raises RegistryUnavailable when the registry cannot be reached or refuses the schema."""
         try:
-            data = self._avro(mcp, self._ctx)
+            data = self._avro(proposal(mcp) if isinstance(mcp, MetadataChangeProposalWrapper) else mcp, self._ctx)
         except SerializationError:
             raise
         except SchemaRegistryError as e:

@@ -16,6 +16,8 @@ from typing import Any
 from datahub.emitter.mcp import MetadataChangeProposalWrapper
 from datahub.emitter.serialization_helper import pre_json_transform
 
+from connector.mcp_topic import forget
+
 
 class CannotFit(ValueError):
     """The aspect is too large even with every list and map emptied."""
@@ -67,9 +69,14 @@ def fit_to_size(
 ) -> tuple[MetadataChangeProposalWrapper, bytes, str]:
     """A copy of `mcp` whose serialised value fits in `limit` bytes, its bytes, and a warning that
     names the entity, the aspect and what was dropped."""
-    fitted = copy.deepcopy(mcp)
+    fitted = forget(copy.deepcopy(mcp))
     aspect = fitted.aspect
     assert aspect is not None
+    serialize_aspect = serialize
+
+    def serialize(m: MetadataChangeProposalWrapper) -> bytes:  # the aspect changes in place here
+        return serialize_aspect(forget(m))
+
     original = {name: len(getattr(aspect, name)) for name in _collections(aspect)}
     value = serialize(fitted)
     size = len(value)

@@ -25,6 +25,7 @@ from datahub.metadata.schema_classes import SystemMetadataClass
 
 from connector.events import ChangeEvent, SnapshotMarker
 from connector.mapping import EntityMcps, MappingSettings, removal_mcp, removal_mcps, to_mcps
+from connector.mcp_topic import generic_aspect
 
 SNAPSHOT_KEY = "__snapshot__"
 
@@ -137,9 +138,15 @@ class Outcome:
 
 
 def aspect_fingerprint(mcp: MetadataChangeProposalWrapper) -> str:
-    assert mcp.aspect is not None
-    body = json.dumps(mcp.aspect.to_obj(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{mcp.aspectName}:{body}".encode()).hexdigest()[:24]
+    """Fingerprint of the aspect exactly as it travels in the MCP (its serialisation is computed
+    once and reused to write the MCP)."""
+    body = generic_aspect(mcp).value
+    return hashlib.sha256(str(mcp.aspectName).encode() + b":" + (body if isinstance(body, bytes) else body.encode())
+                          ).hexdigest()[:24]
+
+
+# A soft delete's status aspect is the same for every URN.
+_REMOVED = aspect_fingerprint(removal_mcp("urn:li:corpuser:any"))
 
 
 class Decider:
@@ -183,7 +190,7 @@ class Decider:
                 outcome.mcps.append(mcp)
                 current = replace(current, aspects={**current.aspects, str(mcp.aspectName): fp})
             if urn == entity.primary_urn:
-                removed = current.aspects.get("status") == aspect_fingerprint(removal_mcp(urn))
+                removed = current.aspects.get("status") == _REMOVED
                 current = replace(current, owner=key, seen=open_snapshot or current.seen, removed=removed)
             outcome.state[urn] = current
         # Only what changed goes to the state topic (shared URNs such as the stage tags are part of

@@ -870,3 +870,22 @@ def test_model_version_parity(stage: str, config: dict[str, str], with_run: bool
 def test_stage_tags_parity() -> None:
     source = original()
     assert aspects(stage_tag_mcps()) == source.aspects(source._get_tags_workunits)
+
+
+def test_reused_aspect_serialisation_is_datahubs_own() -> None:
+    """The consumer serialises each aspect once (for its fingerprint and its MCP); the proposal it
+    writes must be exactly DataHub's `make_mcp()`, also after an aspect was changed in place."""
+    from connector.mcp_topic import forget, generic_aspect, proposal
+
+    events = [mo.run_event(mo.run(datasets=[mo.dataset_input("d", "local")])), experiment_event(mo.experiment()),
+              mo.model_version_event(mo.model_version())]
+    mcps = [m for e in events for m in transform(e).entity.mcps]  # type: ignore[union-attr]
+    assert len(mcps) > 20
+    for mcp in mcps:
+        generic_aspect(mcp)  # cached
+        assert proposal(mcp).to_obj(tuples=True) == mcp.to_obj(tuples=True)
+    run_props = next(m for m in mcps if m.aspectName == "mlTrainingRunProperties")
+    run_props.aspect.hyperParams = []  # type: ignore[union-attr]
+    forget(run_props)
+    assert proposal(run_props).to_obj(tuples=True) == run_props.to_obj(tuples=True)
+    assert json.loads(proposal(run_props).aspect.value)["hyperParams"] == []
