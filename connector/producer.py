@@ -78,7 +78,7 @@ def read_to_end(bootstrap: str, topic: str, extra: dict[str, object] | None = No
         pending = set()
         assignment = []
         for p in meta.partitions:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            low, high = _watermarks(reader, TopicPartition(topic, p))
             if high > low:
                 pending.add(p)
                 assignment.append(TopicPartition(topic, p, low))
@@ -117,6 +117,25 @@ def consumer_lag(cfg: ConnectorConfig) -> int:
         return lag
     finally:
         probe.close()
+
+
+_NO_LEADER_YET = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                  KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TRANSPORT, KafkaError._TIMED_OUT)
+
+
+def _watermarks(reader: Consumer, partition: TopicPartition, timeout: float = 60.0) -> tuple[int, int]:
+    """Low and high watermark; retried while the partition has no leader yet (a topic just created,
+    a broker that restarts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return reader.get_watermark_offsets(partition, timeout=30)
+        except KafkaException as e:
+            error = e.args[0]
+            transient = error.retriable() or error.code() in _NO_LEADER_YET
+            if time.monotonic() > deadline or not transient:
+                raise
+            time.sleep(0.5)
 
 
 class ChangeProducer:

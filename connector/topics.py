@@ -4,6 +4,7 @@ stale-entity removal hold (see docs/operations.md)."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -63,6 +64,19 @@ def partition_count(client: AdminClient, topic: str, timeout: float = 10.0) -> i
     return len(meta.partitions)
 
 
+def _wait_for_leaders(client: AdminClient, names: list[str], timeout: float) -> None:
+    """New topics answer reads only once every partition has a leader."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = client.list_topics(timeout=timeout).topics
+        ready = all(name in topics and topics[name].error is None and topics[name].partitions
+                    and all(p.leader >= 0 and p.error is None for p in topics[name].partitions.values())
+                    for name in names)
+        if ready or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
 def ensure_topics(cfg: ConnectorConfig, timeout: float = 15.0) -> dict[str, int]:
     """Create missing topics; check that the state topic is co-partitioned with the change topic.
     Returns the partition count of each topic. Raises ConfigError when the broker is unreachable."""
@@ -89,6 +103,8 @@ def ensure_topics(cfg: ConnectorConfig, timeout: float = 15.0) -> dict[str, int]
                     raise
     for warning in setting_warnings(client, cfg, timeout):
         log.warning("%s", warning)
+    if missing:
+        _wait_for_leaders(client, [s.name for s in missing], timeout)
     counts = {s.name: partition_count(client, s.name, timeout) for s in specs(cfg)}
     t = cfg.kafka.topics
     if counts[t.state] != counts[t.changes]:
