@@ -1148,7 +1148,8 @@ def summary(b: Bench) -> None:
         say(f"[{verdict(ratio >= 1.5)}] (f) ours / DataHub serialisation = {ratio:.2f} (target >= 1.5); "
             f"ours / DataHub incl. building = {f['ratio_ours_vs_datahub_build_and_serialise']:.2f}; "
             f"re-snapshot (deduplicated) / DataHub incl. building = "
-            f"{f['ratio_resnapshot_vs_datahub_build_and_serialise']:.2f}")
+            f"{f['ratio_resnapshot_vs_datahub_build_and_serialise']:.2f}; prototype serialiser (not the "
+            f"connector) / DataHub = {f['ratio_prototype_vs_datahub_serialisation']:.2f}")
     if g:
         worst = max(v for k, v in g.items() if k.endswith("_mb") and v)
         ok = worst < 500 if g["scale"] == "x10" else None
@@ -1172,11 +1173,14 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random pause between writes in (d), seconds (default 0.3 1.2)")
     p.add_argument("--webhooks", choices=["auto", "on", "off"], default="auto",
                    help="registry changes in (d) through webhooks: auto = when the connector has them")
-    p.add_argument("--rounds", type=int, default=3, help="timing rounds in (f) (median)")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds in (f) (each path: its best round)")
     p.add_argument("--repeat-floor", type=int, default=3, help="rounds of (b) (median)")
     p.add_argument("--profile", action="store_true", help="(c): also run a snapshot under cProfile and print it")
     p.add_argument("--mlflow-workers", type=int, default=1, help="workers of the bench's mlflow server")
-    p.add_argument("--fixture-threads", type=int, default=8)
+    p.add_argument("--fixture-threads", type=int, default=8, help="threads creating the store through the API")
+    p.add_argument("--fixture-method", choices=["clone", "api"], default="clone",
+                   help="a store larger than x1: clone the x1 store in SQL (seconds, default) or create it "
+                        "through the REST API (about 20 minutes for x10 on an idle 2-core machine)")
     p.add_argument("--timeout", type=float, default=None, help="per-step timeout, seconds")
     p.add_argument("--original-timeout", type=float, default=None, help="timeout of (a), seconds")
     p.add_argument("--private-stack", action="store_true",
@@ -1208,7 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {load_before}; code {info['commit']}")
     say(f"store {s.name}: {s.describe()}")
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{s.name}-"))
-    store = cached_store(s, workdir, progress=say, threads=args.fixture_threads)
+    store = cached_store(s, workdir, progress=say, threads=args.fixture_threads, method=args.fixture_method)
     bootstrap, registry = kafka_endpoints(args.private_stack)
     server = BenchServer(workdir / "mlflow", store, workers=args.mlflow_workers)
     say(f"starting mlflow server ({args.mlflow_workers} worker) on a copy of the store ...")

@@ -388,11 +388,12 @@ def cached_store(s: Shape, workdir: Path, progress: Callable[[str], None] = prin
     through MLflow's REST API; larger scales clone it (method "clone", seconds) or are built
     through the API as well (method "api": about 20 minutes for x10 on an idle 2-core machine)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    cached = CACHE / f"mlflow-{s.name}-v{FORMAT_VERSION}.db"
+    scale = s.experiments // shape(1, s.name.startswith("quick")).experiments
+    built_by = "-api" if scale > 1 and method == "api" else ""
+    cached = CACHE / f"mlflow-{s.name}{built_by}-v{FORMAT_VERSION}.db"
     if cached.exists():
         progress(f"fixture {s.name}: cached store {cached.relative_to(REPO)}")
         return cached
-    scale = s.experiments // shape(1, s.name.startswith("quick")).experiments
     if scale > 1 and method == "clone":
         base = shape(1, s.name.startswith("quick"))
         base_db = cached_store(base, workdir, progress, threads, method)

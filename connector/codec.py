@@ -60,6 +60,11 @@ def _writers_by_fingerprint() -> dict[bytes, dict[str, Any]]:
     return {schema_fingerprint(s): s for s in schema_versions().values()}
 
 
+@cache
+def _current_header() -> bytes:
+    return MAGIC + schema_fingerprint(current_schema())
+
+
 def encode(event: ChangeEvent) -> bytes:
     """Single-object encoding of a change event with the current schema."""
     schema = current_schema()
@@ -68,8 +73,7 @@ def encode(event: ChangeEvent) -> bytes:
     if after is not None:
         record["after"] = (RECORD_NAMES[event["kind"]], after)
     out = io.BytesIO()
-    out.write(MAGIC)
-    out.write(schema_fingerprint(schema))
+    out.write(_current_header())
     fastavro.schemaless_writer(out, schema, record)
     return out.getvalue()
 
