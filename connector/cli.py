@@ -17,6 +17,7 @@ from confluent_kafka import KafkaException
 
 from connector import __version__
 from connector.config import ConfigError, ConnectorConfig, load
+from connector.mlflow_reader import MlflowReader
 
 if TYPE_CHECKING:
     from connector.producer import ChangeProducer
@@ -53,7 +54,7 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _startup(cfg_path: str, mlflow_retry_seconds: float = 10.0) -> tuple[ConnectorConfig, dict[str, int]]:
+def _startup(cfg_path: str) -> ConnectorConfig:
     """Load the configuration and check that Kafka answers; topics are created if missing."""
     from connector.topics import ensure_topics
 
@@ -62,11 +63,12 @@ def _startup(cfg_path: str, mlflow_retry_seconds: float = 10.0) -> tuple[Connect
     cfg.kafka.resolved_schema_registry()
     if cfg.webhooks is not None:
         cfg.webhooks.resolved_secret()
-    return cfg, ensure_topics(cfg)
+    ensure_topics(cfg)
+    return cfg
 
 
-def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds: float = 10.0):  # noqa: ANN202
-    from connector.mlflow_reader import MlflowReader, MlflowUnavailable
+def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds: float = 10.0) -> MlflowReader:
+    from connector.mlflow_reader import MlflowUnavailable
 
     reader = MlflowReader(cfg.reader_settings(retry_for_seconds=check_seconds))
     try:
@@ -111,7 +113,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     from connector.producer import ChangeProducer
 
-    cfg, _ = _startup(args.config)
+    cfg = _startup(args.config)
     producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
     receiver = _start_webhooks(cfg, producer)
     producer.run(_stop_on_signals())
@@ -124,7 +126,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_consume(args: argparse.Namespace) -> int:
     from connector.consumer import ChangeConsumer
 
-    cfg, _ = _startup(args.config)
+    cfg = _startup(args.config)
     ChangeConsumer(cfg, args.instance_id).run(_stop_on_signals())
     return 0
 
@@ -133,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from connector.consumer import ChangeConsumer
     from connector.producer import ChangeProducer
 
-    cfg, _ = _startup(args.config)
+    cfg = _startup(args.config)
     stop = _stop_on_signals()
     producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
     consumer = ChangeConsumer(cfg, args.instance_id)
@@ -169,7 +171,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     from connector.producer import ChangeProducer
 
     started = time.monotonic()
-    cfg, _ = _startup(args.config)
+    cfg = _startup(args.config)
     stop = _stop_on_signals()
     producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=args.mlflow_retry_seconds))
     consumer = ChangeConsumer(cfg, args.instance_id)
@@ -199,7 +201,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     try:
         since = None if args.from_beginning else parse_timestamp(args.from_timestamp)
-        cfg, _ = _startup(args.config)
+        cfg = _startup(args.config)
         summary = replay(cfg, since, _stop_on_signals(), args.instance_id)
     except ReplayError as e:
         raise Failure(str(e)) from None
@@ -210,7 +212,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     from connector.dump import dump
 
-    cfg, _ = _startup(args.config)
+    cfg = _startup(args.config)
     count = dump(cfg, Path(args.out))
     print(f"{count} MCPs from {cfg.kafka.topics.mcp} written to {args.out}")
     return 0
@@ -232,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for line in endpoints.as_env_lines():
             name, _, value = line.partition("=")
             os.environ.setdefault(name, value)
-    cfg, _ = _startup(args.config)
+    cfg = _startup(args.config)
     tracking_uri = cfg.mlflow.resolved_tracking_uri()
     print(f"1. demo content in MLflow at {tracking_uri}")
     populate(tracking_uri)
