@@ -7,6 +7,7 @@ is marked `FIX(...)` below with the name used there.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from datahub.metadata.schema_classes import (
     MLModelGroupPropertiesClass,
     MLModelPropertiesClass,
     MLTrainingRunPropertiesClass,
+    PartitionSpecClass,
+    PartitionTypeClass,
     PlatformResourceInfoClass,
     StatusClass,
     SubTypesClass,
@@ -106,6 +109,7 @@ class EntityMcps:
 # ---- URNs -------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # every run event names its experiment's URN (a hash of a JSON key)
 def experiment_urn(name: str) -> str:
     return ExperimentKey(platform=PLATFORM_URN, id=name).as_urn()
 
@@ -169,6 +173,12 @@ def _params(params: Iterable[Tag]) -> list[MLHyperParamClass]:
 
 def _metrics(metrics: Iterable[Metric]) -> list[MLMetricClass]:
     return [MLMetricClass(name=m["key"], value=str(m["value"])) for m in metrics]
+
+
+def _full_table() -> PartitionSpecClass:
+    """The run event's default `partitionSpec`, given explicitly: the class builds its default by
+    parsing the schema's JSON default on every construction (a third of `to_mcps`'s time for runs)."""
+    return PartitionSpecClass(partition="FULL_TABLE_SNAPSHOT", type=PartitionTypeClass.FULL_TABLE)
 
 
 def _mcp(urn: str, aspect: _Aspect) -> MetadataChangeProposalWrapper:
@@ -344,11 +354,13 @@ def run_mcps(run: Run, event: ChangeEvent, settings: MappingSettings) -> tuple[E
             timestampMillis=run["end_time"],
             result=DataProcessInstanceRunResultClass(type=_run_result(run["status"]), nativeResultType=PLATFORM),
             durationMillis=run["end_time"] - (run["start_time"] or run["end_time"]),
+            partitionSpec=_full_table(),
         )))
     elif run["start_time"]:
         # FIX(running-runs): the original gives a run in progress no run event at all.
         mcps.append(_mcp(urn, DataProcessInstanceRunEventClass(
             status=DataProcessRunStatusClass.STARTED, timestampMillis=run["start_time"],
+            partitionSpec=_full_table(),
         )))
     mcps.append(_mcp(urn, DataPlatformInstanceClass(platform=PLATFORM_URN)))
     mcps.append(_mcp(urn, SubTypesClass(typeNames=[MLAssetSubTypes.MLFLOW_TRAINING_RUN])))

@@ -1,24 +1,67 @@
 """DataHub's MCP topic: proposals serialised exactly as DataHub's `DatahubKafkaEmitter` does.
 
 Key: the entity URN as UTF-8. Value: Confluent wire format of DataHub's
-`MetadataChangeProposal` Avro schema (subject `<topic>-value`), produced by confluent-kafka's
-`AvroSerializer` from `mcp.to_obj(tuples=True)`, the emitter's own conversion.
+`MetadataChangeProposal` Avro schema (subject `<topic>-value`), written by confluent-kafka's
+`AvroSerializer` (registration, framing, fastavro) from the record the emitter's own conversion,
+`mcp.to_obj(tuples=True)`, would give.
+
+The aspect is serialised by acryl-datahub itself (`_make_generic_aspect`), once per proposal. The
+envelope around it is a handful of strings; converting it through avrogen costs as much again as
+the aspect (avrogen validates and converts the whole record, the aspect bytes and the system
+metadata included, for every MCP), so `envelope()` lays it out as plain data instead, and the
+system metadata, shared by all proposals of a change event, is converted once per event.
+
+The aspect's JSON is DataHub's (`make_mcp`'s `_make_generic_aspect`: `to_obj()`, then
+`pre_json_transform`, then `json.dumps`), with one change of who validates: `to_obj()` runs
+avrogen's Python validator over the whole aspect before converting it, which costs half as much
+again as the conversion; here avrogen's converter runs alone and fastavro's compiled validator
+checks its output against the aspect's own Avro schema. An aspect fastavro refuses goes through
+`to_obj()` after all, so it fails exactly as DataHub's emitter would fail on it.
+`tests/test_mcp_topic.py` holds both to DataHub's bytes.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from avrogen.avrojson import get_global_json_converter
+from avrogen.dict_wrapper import DictWrapper
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
-from datahub.emitter.mcp import MetadataChangeProposalWrapper, _make_generic_aspect
-from datahub.metadata.schema_classes import GenericAspectClass, MetadataChangeProposalClass
+from datahub.emitter.mcp import MetadataChangeProposalWrapper
+from datahub.emitter.serialization_helper import pre_json_transform
+from datahub.metadata.schema_classes import GenericAspectClass, MetadataChangeProposalClass, SystemMetadataClass
 from datahub.metadata.schemas import getMetadataChangeProposalSchema
+from fastavro import parse_schema
+from fastavro.validation import validate as avro_validate
 
 _MEMO = "_mlflow_datahub_generic_aspect"
+_JSON_CONTENT_TYPE = "application/json"
+
+
+@functools.cache
+def _avro_schema(aspect_class: type[DictWrapper]) -> Any:
+    return parse_schema(aspect_class.RECORD_SCHEMA.to_json())
+
+
+def aspect_to_obj(aspect: DictWrapper) -> Any:
+    """`aspect.to_obj()`: avrogen's own conversion (the converter `to_obj` uses), validated by
+    fastavro against the aspect's schema; what fastavro refuses goes through `to_obj()` itself."""
+    converted = get_global_json_converter(False)._generic_to_json(aspect, aspect.RECORD_SCHEMA)
+    if avro_validate(converted, _avro_schema(type(aspect)), raise_errors=False):
+        return converted
+    return aspect.to_obj()  # raises avrogen's AvroTypeException, as DataHub's emitter would
+
+
+def make_generic_aspect(aspect: DictWrapper) -> GenericAspectClass:
+    """acryl-datahub's `_make_generic_aspect(aspect)`, with `aspect_to_obj` for `to_obj()`."""
+    return GenericAspectClass(value=json.dumps(pre_json_transform(aspect_to_obj(aspect))).encode(),
+                              contentType=_JSON_CONTENT_TYPE)
 
 
 def generic_aspect(mcp: MetadataChangeProposalWrapper) -> GenericAspectClass:
@@ -28,7 +71,7 @@ def generic_aspect(mcp: MetadataChangeProposalWrapper) -> GenericAspectClass:
     if cached is not None and cached[0] is mcp.aspect:
         return cached[1]
     assert mcp.aspect is not None
-    generic = _make_generic_aspect(mcp.aspect)
+    generic = make_generic_aspect(mcp.aspect)
     mcp.__dict__[_MEMO] = (mcp.aspect, generic)
     return generic
 
@@ -49,8 +92,28 @@ def proposal(mcp: MetadataChangeProposalWrapper) -> MetadataChangeProposalClass:
     return made
 
 
-def _to_dict(mcp: MetadataChangeProposalWrapper | MetadataChangeProposalClass, ctx: Any) -> dict:
-    return mcp.to_obj(tuples=True)
+_GENERIC_ASPECT = GenericAspectClass.RECORD_SCHEMA.fullname.lstrip(".")
+_SYSTEM_METADATA = SystemMetadataClass.RECORD_SCHEMA.fullname.lstrip(".")
+
+
+def envelope(mcp: MetadataChangeProposalWrapper, system_metadata: dict | None) -> dict[str, Any] | None:
+    """The record `proposal(mcp).to_obj(tuples=True)` gives, as plain data: `system_metadata` is
+    `mcp.systemMetadata.to_obj(tuples=True)`. None for a proposal with parts this layout does not
+    cover (a key aspect, an audit header, headers): those go through avrogen."""
+    if mcp.entityKeyAspect is not None or mcp.auditHeader is not None or mcp.headers is not None \
+            or mcp.aspect is None:
+        return None
+    generic = generic_aspect(mcp)
+    record: dict[str, Any] = {
+        "entityType": mcp.entityType,
+        "entityUrn": ("string", str(mcp.entityUrn)),
+        "changeType": str(mcp.changeType),
+        "aspectName": ("string", str(mcp.aspectName)),
+        "aspect": (_GENERIC_ASPECT, {"value": generic.value, "contentType": generic.contentType}),
+    }
+    if system_metadata is not None:
+        record["systemMetadata"] = (_SYSTEM_METADATA, system_metadata)
+    return record
 
 
 def _without_credentials(url: str) -> str:
@@ -70,9 +133,26 @@ class McpSerializer:
         self.registry_url = _without_credentials(registry_url)  # for messages
         client = SchemaRegistryClient({"url": registry_url, **registry_config})
         self._avro = AvroSerializer(
-            schema_str=getMetadataChangeProposalSchema(), schema_registry_client=client, to_dict=_to_dict
+            schema_str=getMetadataChangeProposalSchema(), schema_registry_client=client, to_dict=self._to_dict
         )
         self._ctx = SerializationContext(topic, MessageField.VALUE)
+        # The last system metadata converted, and its conversion (a change event's proposals share one).
+        self._metadata: tuple[SystemMetadataClass | None, dict | None] = (None, None)
+
+    def _system_metadata(self, metadata: SystemMetadataClass | None) -> dict | None:
+        if metadata is None:
+            return None
+        if self._metadata[0] is not metadata:
+            self._metadata = (metadata, metadata.to_obj(tuples=True))
+        return self._metadata[1]
+
+    def _to_dict(self, mcp: MetadataChangeProposalWrapper | MetadataChangeProposalClass, ctx: Any) -> dict:
+        if isinstance(mcp, MetadataChangeProposalWrapper):
+            record = envelope(mcp, self._system_metadata(mcp.systemMetadata))
+            if record is not None:
+                return record
+            return proposal(mcp).to_obj(tuples=True)
+        return mcp.to_obj(tuples=True)
 
     @staticmethod
     def key(mcp: MetadataChangeProposalWrapper) -> bytes:
@@ -82,7 +162,7 @@ class McpSerializer:
         """Confluent wire format; the schema is registered (once, then cached) on first use.
         Raises RegistryUnavailable when the registry cannot be reached or refuses the schema."""
         try:
-            data = self._avro(proposal(mcp) if isinstance(mcp, MetadataChangeProposalWrapper) else mcp, self._ctx)
+            data = self._avro(mcp, self._ctx)
         except SerializationError:
             raise
         except SchemaRegistryError as e:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from datahub.emitter.mcp import MetadataChangeProposalWrapper
 from datahub.metadata.schema_classes import SystemMetadataClass
@@ -82,13 +82,20 @@ class Entries(dict[str, Entry]):
         return live
 
 
+SHARED_MEMO_LIMIT = 10_000
+
+
 @dataclass
 class PartitionState:
     """State of one partition. `open_snapshot` is the snapshot whose BEGIN marker was read and
-    whose END marker was not yet."""
+    whose END marker was not yet. `shared_fingerprints` is a cache, not state: for URNs that many
+    events carry (stage tags, users, datasets), (URN, aspect) -> (the aspect's repr, its
+    fingerprint), so that an aspect rebuilt unchanged by the next event is not serialised again."""
 
     entries: dict[str, Entry] = field(default_factory=Entries)
     open_snapshot: str | None = None
+    shared_fingerprints: dict[tuple[str, str], tuple[str, str]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.entries, Entries):
@@ -149,6 +156,23 @@ def aspect_fingerprint(mcp: MetadataChangeProposalWrapper) -> str:
 _REMOVED = aspect_fingerprint(removal_mcp("urn:li:corpuser:any"))
 
 
+def shared_aspect_fingerprint(mcp: MetadataChangeProposalWrapper,
+                              memo: dict[tuple[str, str], tuple[str, str]]) -> str:
+    """`aspect_fingerprint`, remembered per (URN, aspect) for URNs that are part of many events.
+    The aspect's repr names every value with its type (1, 1.0 and True differ), so an equal repr
+    is an equal serialisation; a different one (even a reordered map) is serialised again."""
+    key = (str(mcp.entityUrn), str(mcp.aspectName))
+    text = repr(mcp.aspect)
+    hit = memo.get(key)
+    if hit is not None and hit[0] == text:
+        return hit[1]
+    fp = aspect_fingerprint(mcp)
+    if len(memo) >= SHARED_MEMO_LIMIT:
+        memo.clear()
+    memo[key] = (text, fp)
+    return fp
+
+
 class Decider:
     """Applies events to one partition's state and says what to write."""
 
@@ -183,15 +207,18 @@ class Decider:
         for mcp in entity.mcps:
             urn = str(mcp.entityUrn)
             current = self._current(urn, outcome) or Entry()
-            fp = aspect_fingerprint(mcp)
-            if current.aspects.get(str(mcp.aspectName)) == fp:
+            fp = (aspect_fingerprint(mcp) if urn == entity.primary_urn
+                  else shared_aspect_fingerprint(mcp, self.partition.shared_fingerprints))
+            aspects = current.aspects
+            if aspects.get(str(mcp.aspectName)) == fp:
                 outcome.skipped += 1
             else:
                 outcome.mcps.append(mcp)
-                current = replace(current, aspects={**current.aspects, str(mcp.aspectName): fp})
+                aspects = {**aspects, str(mcp.aspectName): fp}
             if urn == entity.primary_urn:
-                removed = current.aspects.get("status") == _REMOVED
-                current = replace(current, owner=key, seen=open_snapshot or current.seen, removed=removed)
+                current = Entry(key, aspects, open_snapshot or current.seen, aspects.get("status") == _REMOVED)
+            elif aspects is not current.aspects:
+                current = Entry(current.owner, aspects, current.seen, current.removed)
             outcome.state[urn] = current
         # Only what changed goes to the state topic (shared URNs such as the stage tags are part of
         # many events and usually unchanged).

@@ -283,6 +283,16 @@ def test_ended_run_has_complete_run_event(status: str, result: str) -> None:
     }
 
 
+def test_run_event_partition_spec_is_the_schemas_default() -> None:
+    """The mapping gives the run event's partitionSpec explicitly (it is slow to default): it must stay
+    the default of DataHub's schema, as the original's events carry it."""
+    from datahub.metadata.schema_classes import DataProcessInstanceRunEventClass
+
+    from connector.mapping import _full_table
+
+    assert _full_table() == DataProcessInstanceRunEventClass(timestampMillis=1, status="COMPLETE").partitionSpec
+
+
 def test_running_run_has_started_run_event() -> None:
     # FIX(running-runs): the original emits no run event for a run in progress.
     run = mo.run(status="RUNNING", start_time=1_000, end_time=None)
