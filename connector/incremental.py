@@ -49,6 +49,7 @@ from connector.events import (
 from connector.mlflow_reader import MlflowReader
 
 OVERLAP_MS = 5000
+FIRST_PAGE = 100
 ACTIVE_STATUSES = ("RUNNING", "SCHEDULED")
 
 
@@ -132,6 +133,12 @@ class ChangeSet:
     watermarks: Watermarks = field(default_factory=Watermarks)
 
 
+def _first_page(mark: int | None) -> int | None:
+    """With a watermark, a read newest first usually stops within a few items: a small first page
+    keeps an idle cycle's cost independent of the store's size (full pages after it)."""
+    return None if mark is None else FIRST_PAGE
+
+
 def _since(mark: int | None, overlap_ms: int) -> int:
     return 0 if mark is None else mark - overlap_ms
 
@@ -172,9 +179,11 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
     # Registry: models and versions newest first down to the watermark; of those, the ones whose
     # content differs from what was published changed. A changed model's versions are all re-read
     # (they carry its aliases) and the ones gone from it were deleted.
-    models = _newest_first(reader.registered_models(order_by=["last_updated_timestamp DESC"]),
+    models = _newest_first(reader.registered_models(order_by=["last_updated_timestamp DESC"],
+                                                    first_page=_first_page(marks.registered_models)),
                            since(marks.registered_models), "last_updated_timestamp")
-    listed_versions = _newest_first(reader.model_versions(order_by=["last_updated_timestamp DESC"]),
+    listed_versions = _newest_first(reader.model_versions(order_by=["last_updated_timestamp DESC"],
+                                                          first_page=_first_page(marks.model_versions)),
                                     since(marks.model_versions), "last_updated_timestamp")
     model_states = {m.name: registered_model_state(m) for m in models}
     changed_models = [n for n, st in model_states.items() if known.changed("REGISTERED_MODEL", st)]
@@ -208,8 +217,8 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
     _assemble(reader, known, names, model_states, versions, runs, out, extra_runs=known.active_runs)
 
     # MLflow 3 LoggedModels, newest first down to the watermark.
-    logged = _newest_first(reader.logged_models(ids, newest_first=True), since(marks.logged_models),
-                           "last_updated_timestamp")
+    logged = _newest_first(reader.logged_models(ids, newest_first=True, first_page=_first_page(marks.logged_models)),
+                           since(marks.logged_models), "last_updated_timestamp")
     for model in logged:
         state = logged_model_state(model)
         if known.changed("LOGGED_MODEL", state):

@@ -126,12 +126,17 @@ class MlflowReader:
                 time.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
 
-    def _pages(self, what: str, search: Callable[..., Any], **kwargs: Any) -> Iterator[list[Any]]:
+    def _pages(self, what: str, search: Callable[..., Any], max_results: int, first_page: int | None = None,
+               **kwargs: Any) -> Iterator[list[Any]]:
+        """A search, a page at a time. `first_page`: a smaller first page, for reads newest first
+        that usually stop early (MLflow's page tokens are offsets, so pages may differ in size)."""
         token = None
+        size = min(first_page or max_results, max_results)
         while True:
-            page = self.call(what, search, page_token=token, **kwargs)
+            page = self.call(what, search, page_token=token, max_results=size, **kwargs)
             yield list(page)
             token = page.token
+            size = max_results
             if not token:
                 return
 
@@ -166,13 +171,14 @@ class MlflowReader:
                 found.extend(page)
         return found
 
-    def registered_models(self, filter_string: str | None = None,
-                          order_by: list[str] | None = None) -> Iterator[list[RegisteredModel]]:
+    def registered_models(self, filter_string: str | None = None, order_by: list[str] | None = None,
+                          first_page: int | None = None) -> Iterator[list[RegisteredModel]]:
         return self._pages("search_registered_models", self.client.search_registered_models,
                            filter_string=filter_string, max_results=min(self.settings.page_size, 1000),
-                           order_by=order_by)
+                           order_by=order_by, first_page=first_page)
 
-    def logged_models(self, experiment_ids: Sequence[str], newest_first: bool = False) -> Iterator[list[LoggedModel]]:
+    def logged_models(self, experiment_ids: Sequence[str], newest_first: bool = False,
+                      first_page: int | None = None) -> Iterator[list[LoggedModel]]:
         """MLflow 3 LoggedModels of the experiments; none on servers without the API."""
         ids = list(experiment_ids)
         order = [{"field_name": "last_updated_timestamp", "ascending": False}] if newest_first else None
@@ -180,17 +186,18 @@ class MlflowReader:
             try:
                 yield from self._pages("search_logged_models", self.client.search_logged_models,
                                        experiment_ids=ids[start:start + RUNS_PER_EXPERIMENT_BATCH],
-                                       max_results=min(self.settings.page_size, 100), order_by=order)
+                                       max_results=min(self.settings.page_size, 100), order_by=order,
+                                       first_page=first_page)
             except MlflowException as e:
                 if "ENDPOINT_NOT_FOUND" in str(e) or "404" in str(e):
                     return
                 raise
 
-    def model_versions(self, filter_string: str | None = None,
-                       order_by: list[str] | None = None) -> Iterator[list[ModelVersion]]:
+    def model_versions(self, filter_string: str | None = None, order_by: list[str] | None = None,
+                       first_page: int | None = None) -> Iterator[list[ModelVersion]]:
         return self._pages("search_model_versions", self.client.search_model_versions,
                            filter_string=filter_string, max_results=self.settings.model_version_page_size,
-                           order_by=order_by)
+                           order_by=order_by, first_page=first_page)
 
 
 def _short(error: Exception) -> str:

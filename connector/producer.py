@@ -402,31 +402,42 @@ class ChangeProducer:
         return last is None or now_ms() - last >= self.cfg.producer.reconcile_interval_seconds * 1000
 
     def run(self, stop: threading.Event) -> None:
-        """Until stopped: a complete snapshot when one is due, else an incremental cycle; between
-        cycles, targeted reads of what webhooks report, as they arrive."""
+        """Until stopped: a complete snapshot when one is due, else an incremental cycle, one every
+        `poll_interval_seconds` counted from the start of the last (a cycle that takes longer is
+        followed at once); in between, targeted reads of what webhooks report, as they arrive."""
+        poll = self.cfg.producer.poll_interval_seconds
         log.info("producer reading %s every %.0f s (complete snapshot every %.0f s) into %s",
-                 self.tracking_uri, self.cfg.producer.poll_interval_seconds,
-                 self.cfg.producer.reconcile_interval_seconds, self.topics.changes)
+                 self.tracking_uri, poll, self.cfg.producer.reconcile_interval_seconds, self.topics.changes)
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 if self.snapshot_due():
                     self.snapshot(stop)
                 else:
                     self.cycle()
             except MlflowUnavailable as e:
-                log.warning("producer: %s; next attempt in %.0f s", e, self.cfg.producer.poll_interval_seconds)
-            deadline = time.monotonic() + self.cfg.producer.poll_interval_seconds
-            while not stop.is_set() and time.monotonic() < deadline:
-                try:
-                    names = [self.refresh_requests.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))]
-                except queue.Empty:
-                    continue
-                while not self.refresh_requests.empty():
-                    names.append(self.refresh_requests.get_nowait())
-                try:
-                    self.refresh_model(names)
-                except MlflowUnavailable as e:
-                    log.warning("producer: targeted read of %s failed (%s); the next cycle covers it", names, e)
+                log.warning("producer: %s; next attempt in %.0f s", e, poll)
+                started = time.monotonic()  # after a failure, a whole interval before the next attempt
+            deadline = started + poll
+            while not stop.is_set():
+                self._refresh_reported(timeout=min(0.2, deadline - time.monotonic()))
+                if time.monotonic() >= deadline:
+                    break
+
+    def _refresh_reported(self, timeout: float) -> None:
+        """The targeted reads webhooks asked for: all those waiting, after up to `timeout` seconds for
+        the first (none: only those already waiting)."""
+        try:
+            names = [self.refresh_requests.get(timeout=timeout) if timeout > 0
+                     else self.refresh_requests.get_nowait()]
+        except queue.Empty:
+            return
+        while not self.refresh_requests.empty():
+            names.append(self.refresh_requests.get_nowait())
+        try:
+            self.refresh_model(names)
+        except MlflowUnavailable as e:
+            log.warning("producer: targeted read of %s failed (%s); the next cycle covers it", names, e)
 
     def close(self) -> None:
         self.producer.flush(30)

@@ -194,3 +194,42 @@ def test_a_new_partition_count_stops_the_producer(own_mlflow: MlflowServer, prod
     with pytest.raises(ConfigError) as error:
         ChangeProducer(cfg, MlflowReader(cfg.reader_settings()))
     assert "has 4 partitions, but the connector wrote it with 3" in str(error.value)
+
+
+def test_cycles_start_every_poll_interval_however_long_they_take(own_mlflow: MlflowServer,
+                                                                make_config: ConfigFactory) -> None:
+    """The poll interval is the period of the cycles, from start to start: a write waits at most one
+    interval for the cycle that reads it, whatever a cycle costs (here about 1.2 s, with MLflow
+    requests rate-limited to 4 per second)."""
+    import threading
+
+    _, cfg = make_config(own_mlflow.uri, {"producer": {"poll_interval_seconds": 2,
+                                                       "max_requests_per_second": 4}})
+    ensure_topics(cfg)
+    starts: list[float] = []
+    durations: list[float] = []
+
+    class Timed(ChangeProducer):
+        def cycle(self) -> int:
+            starts.append(time.monotonic())
+            try:
+                return super().cycle()
+            finally:
+                durations.append(time.monotonic() - starts[-1])
+
+    producer = Timed(cfg, MlflowReader(cfg.reader_settings()))
+    stop = threading.Event()
+    thread = threading.Thread(target=producer.run, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(starts) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+        producer.close()
+    assert len(starts) >= 4
+    assert min(durations) >= 1.0, durations  # five rate-limited requests
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(1.9 <= g <= 2.6 for g in gaps), (gaps, durations)

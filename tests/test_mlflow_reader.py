@@ -106,3 +106,24 @@ def test_outage_is_retried_then_reported(caplog: pytest.LogCaptureFixture) -> No
     retries = [r for r in caplog.records if "MLflow at " in r.getMessage() and " unreachable (" in r.getMessage()]
     assert len(retries) >= 2
     assert all(r.exc_info is None for r in caplog.records), "expected conditions log without stack traces"
+
+
+def test_a_smaller_first_page_then_full_pages_read_everything_once(demo_mlflow: MlflowServer) -> None:
+    """Reads newest first start with a small page (an idle cycle usually stops there); MLflow's page
+    tokens are offsets, so the next pages, at full size, continue exactly where it ended."""
+    reader = MlflowReader(ReaderSettings(demo_mlflow.uri, demo_mlflow.uri, page_size=2, model_version_page_size=2))
+    order = ["last_updated_timestamp DESC"]
+
+    def listing(first_page: int | None, what: str) -> list[list[tuple[str, str]]]:
+        if what == "versions":
+            return [[(v.name, v.version) for v in page] for page in reader.model_versions(order_by=order,
+                                                                                          first_page=first_page)]
+        return [[(m.name, "") for m in page] for page in reader.registered_models(order_by=order,
+                                                                                  first_page=first_page)]
+
+    for what in ("versions", "models"):  # the demo has 2 models and more versions
+        full = [item for page in listing(None, what) for item in page]
+        assert len(full) >= 2 and len(set(full)) == len(full)
+        pages = listing(1, what)
+        assert [len(p) for p in pages[:2]] == [1, min(2, len(full) - 1)]
+        assert [item for page in pages for item in page] == full
