@@ -175,10 +175,34 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=args.mlflow_retry_seconds))
     consumer = ChangeConsumer(cfg, args.instance_id)
-    summary = producer.snapshot(stop)
-    producer.close()
-    targets = summary.end_offsets
-    consumer.run(stop, done=lambda c: all(c.positions.get(p, 0) > o for p, o in targets.items()))
+    # The consumer works while the producer still reads MLflow; it is done once it has passed the
+    # snapshot's END markers, whose offsets are known when the producer has written them.
+    ends: list[dict[int, int]] = []
+    errors: list[BaseException] = []
+
+    def done(c: ChangeConsumer) -> bool:
+        return bool(ends) and all(c.positions.get(p, 0) > o for p, o in ends[0].items())
+
+    def consume() -> None:
+        try:
+            consumer.run(stop, done=done)
+        except BaseException as e:  # surfaced below, once the producer has stopped too
+            errors.append(e)
+            stop.set()
+
+    thread = threading.Thread(target=consume, name="consumer")
+    thread.start()
+    try:
+        summary = producer.snapshot(stop)
+        producer.close()
+        ends.append(summary.end_offsets)
+    finally:
+        if not ends:
+            stop.set()
+        while thread.is_alive():
+            thread.join(0.5)
+    if errors:
+        raise errors[0]
     if stop.is_set():
         raise Failure("snapshot interrupted")
     stats = consumer.stats
