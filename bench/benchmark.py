@@ -1106,14 +1106,17 @@ def summary(b: Bench) -> None:
     say(f"== summary ({b.shape.name}: {b.shape.describe()})")
     a, bb, c, d, e, f, g = (r.get(x) for x in "abcdefg")
     if bb and c:
-        ratio = c["seconds"] / bb["seconds"]
-        say(f"[{verdict(ratio <= 2)}] (c)/(b) = {c['seconds']:.2f} / {bb['seconds']:.2f} s = {ratio:.1f}x "
-            f"(target <= 2x); against the floor run as a process ({bb['process_wall_seconds']:.2f} s): "
-            f"{c['seconds'] / bb['process_wall_seconds']:.1f}x")
+        # Like for like: (c) is the wall time of a command, so the floor is taken as a command too
+        # (Python start and importing MLflow's client, which both pay); the in-process ratio is shown.
+        ratio = c["seconds"] / bb["process_wall_seconds"]
+        say(f"[{verdict(ratio <= 2)}] (c)/(b) = {c['seconds']:.2f} / {bb['process_wall_seconds']:.2f} s = "
+            f"{ratio:.1f}x, both as commands (target <= 2x); against the floor's reading alone, in-process "
+            f"({bb['seconds']:.2f} s): {c['seconds'] / bb['seconds']:.1f}x")
     if a and c:
         ratio = a["seconds"] / c["seconds"]
+        floor = f"; the floor itself is {a['seconds'] / bb['process_wall_seconds']:.1f}x faster than (a)" if bb else ""
         say(f"[{verdict(ratio >= 25)}] (a)/(c) = {a['seconds']:.1f} / {c['seconds']:.2f} s = {ratio:.1f}x faster "
-            f"(target >= 25x)")
+            f"(target >= 25x{floor})")
     if d:
         poll = d["poll_interval"]
         reg, run = d["registry"], d["run"]

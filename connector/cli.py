@@ -17,9 +17,9 @@ from confluent_kafka import KafkaException
 
 from connector import __version__
 from connector.config import ConfigError, ConnectorConfig, load
-from connector.mlflow_reader import MlflowReader
 
 if TYPE_CHECKING:
+    from connector.mlflow_reader import MlflowReader
     from connector.producer import ChangeProducer
     from connector.webhooks import WebhookReceiver
 
@@ -68,7 +68,7 @@ def _startup(cfg_path: str) -> ConnectorConfig:
 
 
 def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds: float = 10.0) -> MlflowReader:
-    from connector.mlflow_reader import MlflowUnavailable
+    from connector.mlflow_reader import MlflowReader, MlflowUnavailable
 
     reader = MlflowReader(cfg.reader_settings(retry_for_seconds=check_seconds))
     try:
@@ -167,45 +167,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from connector.consumer import ChangeConsumer
-    from connector.producer import ChangeProducer
+    from connector.snapshot import SnapshotFailed, run_snapshot
 
     started = time.monotonic()
     cfg = _startup(args.config)
     stop = _stop_on_signals()
-    producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=args.mlflow_retry_seconds))
-    consumer = ChangeConsumer(cfg, args.instance_id)
-    # The consumer works while the producer still reads MLflow; it is done once it has passed the
-    # snapshot's END markers, whose offsets are known when the producer has written them.
-    ends: list[dict[int, int]] = []
-    errors: list[BaseException] = []
-
-    def done(c: ChangeConsumer) -> bool:
-        return bool(ends) and all(c.positions.get(p, 0) > o for p, o in ends[0].items())
-
-    def consume() -> None:
-        try:
-            consumer.run(stop, done=done)
-        except BaseException as e:  # surfaced below, once the producer has stopped too
-            errors.append(e)
-            stop.set()
-
-    thread = threading.Thread(target=consume, name="consumer")
-    thread.start()
     try:
-        summary = producer.snapshot(stop)
-        producer.close()
-        ends.append(summary.end_offsets)
-    finally:
-        if not ends:
-            stop.set()
-        while thread.is_alive():
-            thread.join(0.5)
-    if errors:
-        raise errors[0]
-    if stop.is_set():
-        raise Failure("snapshot interrupted")
-    stats = consumer.stats
+        result = run_snapshot(cfg, lambda: _reader(cfg, retry_for_seconds=args.mlflow_retry_seconds), stop,
+                              args.instance_id, args.consumers)
+    except SnapshotFailed as e:
+        raise Failure(str(e)) from None
+    summary, stats = result.summary, result.stats
     print(f"snapshot {summary.snapshot_id}: {'complete' if summary.complete else 'INCOMPLETE'}")
     print(f"  entities: {sum(summary.entities.values())} "
           f"({', '.join(f'{n} {k.lower()}' for k, n in summary.entities.items())})")
@@ -357,7 +329,11 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--instance-id", help="this consumer's name in its group (default: host name); "
                                                  "each running instance needs its own")
     snap = command("snapshot", cmd_snapshot, "One complete pass: exits once every MCP of it is acknowledged.")
-    snap.add_argument("--instance-id", help="consumer instance name (default: host name)")
+    snap.add_argument("--instance-id", help="consumer instance name (default: host name; with several "
+                      "consumers, NAME-1, NAME-2, ...)")
+    snap.add_argument("--consumers", type=int, default=1, metavar="N",
+                      help="consumer processes, each with its share of the change topic's partitions (default 1; "
+                           "more pay off with cores to spare and many partitions)")
     snap.add_argument("--mlflow-retry-seconds", type=float, default=60.0,
                       help="how long to retry while MLflow does not answer (default 60)")
     rp = command("replay", cmd_replay, "Rewind the consumer group and reprocess the change topic (stop the "

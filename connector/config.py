@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from datahub.configuration.source_common import ALL_ENV_TYPES
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from connector.mapping import MappingSettings
-from connector.mlflow_reader import ReaderSettings
+if TYPE_CHECKING:  # imported where used: the consumer needs no MLflow client, the producer no DataHub model
+    from connector.mapping import MappingSettings
+    from connector.mlflow_reader import ReaderSettings
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,8 @@ class ConnectorConfig(_Strict):
         return self.mlflow.stateful_ingestion or StatefulIngestion()
 
     def mapping_settings(self) -> MappingSettings:
+        from connector.mapping import MappingSettings
+
         c = self.mlflow
         return MappingSettings(
             env=c.env,
@@ -255,6 +258,8 @@ class ConnectorConfig(_Strict):
         )
 
     def reader_settings(self, retry_for_seconds: float | None = None) -> ReaderSettings:
+        from connector.mlflow_reader import ReaderSettings
+
         c = self.mlflow
         if c.username and c.password:
             os.environ["MLFLOW_TRACKING_USERNAME"] = c.username

@@ -93,6 +93,9 @@ def consumer_config(cfg: ConnectorConfig, group: str | None = None) -> dict[str,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "max.poll.interval.ms": 600000,
+        # A member learns of a rebalance from its next heartbeat: frequent ones let a joining or
+        # leaving instance (a snapshot's consumers start together) take its share within a second.
+        "heartbeat.interval.ms": 500,
         "logger": librdkafka_logger(),
         **cfg.kafka.consumer_config,
     }

@@ -28,6 +28,8 @@ from connector.mlflow_reader import MlflowReader
 
 log = logging.getLogger(__name__)
 
+FIRST_RUNS_PAGE = 200
+
 
 @dataclass
 class RegistryIndex:
@@ -71,7 +73,9 @@ def full_listing(reader: MlflowReader, progress_every: int = 5000) -> Iterator[t
         yield "REGISTERED_MODEL", model
     emitted_versions: set[tuple[str, str]] = set()
     runs = 0
-    for page in reader.runs(list(experiment_names)):
+    # The first page small, so that the first events are on their way (and the consumer at work)
+    # while MLflow still searches; each next page requested while this one is worked on.
+    for page in reader.runs(list(experiment_names), first_page=FIRST_RUNS_PAGE, prefetch=True):
         for run in page:
             state = run_state(run, experiment_names.get(str(run.info.experiment_id), ""),
                               index.refs_of_run(run.info.run_id))

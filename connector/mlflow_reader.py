@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -127,18 +128,31 @@ class MlflowReader:
                 delay = min(delay * 2, self.settings.retry_max_seconds)
 
     def _pages(self, what: str, search: Callable[..., Any], max_results: int, first_page: int | None = None,
-               **kwargs: Any) -> Iterator[list[Any]]:
+               prefetch: bool = False, **kwargs: Any) -> Iterator[list[Any]]:
         """A search, a page at a time. `first_page`: a smaller first page, for reads newest first
-        that usually stop early (MLflow's page tokens are offsets, so pages may differ in size)."""
-        token = None
+        that usually stop early, or to hand a listing's first items on sooner (MLflow's page tokens
+        are offsets, so pages may differ in size). `prefetch`: request the next page while the
+        caller works on this one (for listings read to their end: a read that stops early would
+        waste the request)."""
         size = min(first_page or max_results, max_results)
-        while True:
-            page = self.call(what, search, page_token=token, max_results=size, **kwargs)
-            yield list(page)
-            token = page.token
-            size = max_results
-            if not token:
-                return
+        if not prefetch:
+            token = None
+            while True:
+                page = self.call(what, search, page_token=token, max_results=size, **kwargs)
+                yield list(page)
+                token, size = page.token, max_results
+                if not token:
+                    return
+        with ThreadPoolExecutor(1, thread_name_prefix="mlflow-prefetch") as pool:
+            pending = pool.submit(self.call, what, search, page_token=None, max_results=size, **kwargs)
+            while True:
+                page = pending.result()
+                if page.token:
+                    pending = pool.submit(self.call, what, search, page_token=page.token, max_results=max_results,
+                                          **kwargs)
+                yield list(page)
+                if not page.token:
+                    return
 
     # -- listings --------------------------------------------------------------------------------
 
@@ -151,8 +165,8 @@ class MlflowReader:
         return self._pages("search_experiments", self.client.search_experiments,
                            view_type=ViewType.ALL, max_results=self.settings.page_size)
 
-    def runs(self, experiment_ids: Sequence[str], filter_string: str = "",
-             order_by: list[str] | None = None) -> Iterator[list[Run]]:
+    def runs(self, experiment_ids: Sequence[str], filter_string: str = "", order_by: list[str] | None = None,
+             first_page: int | None = None, prefetch: bool = False) -> Iterator[list[Run]]:
         """Runs of many experiments at once (deleted runs included), a page at a time."""
         ids = list(experiment_ids)
         for start in range(0, len(ids), RUNS_PER_EXPERIMENT_BATCH):
@@ -160,6 +174,7 @@ class MlflowReader:
                 "search_runs", self.client.search_runs,
                 experiment_ids=ids[start:start + RUNS_PER_EXPERIMENT_BATCH], filter_string=filter_string,
                 run_view_type=ViewType.ALL, max_results=self.settings.page_size, order_by=order_by,
+                first_page=first_page, prefetch=prefetch,
             )
 
     def runs_by_id(self, experiment_ids: Sequence[str], run_ids: Sequence[str]) -> list[Run]:

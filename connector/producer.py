@@ -16,7 +16,9 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -136,6 +138,54 @@ def _watermarks(reader: Consumer, partition: TopicPartition, timeout: float = 60
             if time.monotonic() > deadline or not transient:
                 raise
             time.sleep(0.5)
+
+
+T = TypeVar("T")
+
+
+def read_ahead(items: Iterator[T], idle_seconds: float = 0.1, buffer: int = 2000) -> Iterator[T | None]:
+    """The items of `items`, read in a thread of their own (at most `buffer` ahead), and None each
+    time no item came for `idle_seconds`: the caller can use MLflow's think time. An exception of
+    the reading ends the iteration with it; closing the iteration ends the reading."""
+    ahead: queue.Queue[tuple[str, object]] = queue.Queue(buffer)
+    done = threading.Event()
+
+    def put(entry: tuple[str, object]) -> bool:
+        while not done.is_set():
+            try:
+                ahead.put(entry, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the caller's thread
+            put(("error", e))
+
+    reader = threading.Thread(target=read, name="mlflow-listing", daemon=True)
+    reader.start()
+    try:
+        while True:
+            try:
+                what, value = ahead.get(timeout=idle_seconds)
+            except queue.Empty:
+                yield None
+                continue
+            if what == "item":
+                yield value  # type: ignore[misc]
+            elif what == "end":
+                return
+            else:
+                raise value  # type: ignore[misc]
+    finally:
+        done.set()
+        reader.join(30)
 
 
 class ChangeProducer:
@@ -280,20 +330,28 @@ class ChangeProducer:
         batch: list[tuple[ChangeEvent, int | None]] = []
         marks = Watermarks()
         try:
-            for kind, entity in full_listing(self.reader):
-                marks = marks.advanced(_watermark_of(kind, entity))
-                if stop is not None and stop.is_set():
-                    raise InterruptedError("stopped")
-                event = entity_changed("READ", kind, entity,
-                                       source_block(self.tracking_uri, self.registry_uri, now_ms(), snapshot_id),
-                                       now_ms())
-                seen.add(event["key"])
-                summary.entities[kind] = summary.entities.get(kind, 0) + 1
-                batch.append((event, None))
-                if len(batch) >= self.cfg.producer.transaction_size:
-                    self._commit(batch)
-                    summary.events += len(batch)
-                    batch = []
+            with closing(read_ahead(full_listing(self.reader))) as listing:
+                for item in listing:
+                    if stop is not None and stop.is_set():
+                        raise InterruptedError("stopped")
+                    if item is None:  # MLflow is still answering: what is read so far goes out now
+                        if batch:
+                            self._commit(batch)
+                            summary.events += len(batch)
+                            batch = []
+                        continue
+                    kind, entity = item
+                    marks = marks.advanced(_watermark_of(kind, entity))
+                    event = entity_changed("READ", kind, entity,
+                                           source_block(self.tracking_uri, self.registry_uri, now_ms(), snapshot_id),
+                                           now_ms())
+                    seen.add(event["key"])
+                    summary.entities[kind] = summary.entities.get(kind, 0) + 1
+                    batch.append((event, None))
+                    if len(batch) >= self.cfg.producer.transaction_size:
+                        self._commit(batch)
+                        summary.events += len(batch)
+                        batch = []
             summary.complete = True
         except (MlflowUnavailable, InterruptedError) as e:
             summary.reason = str(e)

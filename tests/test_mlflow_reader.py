@@ -127,3 +127,20 @@ def test_a_smaller_first_page_then_full_pages_read_everything_once(demo_mlflow: 
         pages = listing(1, what)
         assert [len(p) for p in pages[:2]] == [1, min(2, len(full) - 1)]
         assert [item for page in pages for item in page] == full
+
+
+def test_prefetch_requests_the_next_page_while_the_caller_works(proxy: Proxy) -> None:
+    reader = MlflowReader(ReaderSettings(proxy.uri, proxy.uri, page_size=2))
+    ids = [e.experiment_id for page in reader.experiments() for e in page]
+    plain = [r.info.run_id for page in reader.runs(ids) for r in page]
+    assert len(plain) >= 5
+    proxy.arrivals.clear()
+    pages = reader.runs(ids, first_page=1, prefetch=True)
+    first = next(pages)
+    time.sleep(1.0)  # the caller at work on the first page
+    rest = [r.info.run_id for page in pages for r in page]
+    assert [r.info.run_id for r in first] + rest == plain
+    assert len(first) == 1
+    # The second page was asked for at once, not after the caller's second.
+    assert proxy.arrivals[1] - proxy.arrivals[0] < 0.6, proxy.arrivals
+    assert len(proxy.arrivals) == 1 + (len(plain) - 1 + 1) // 2

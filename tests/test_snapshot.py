@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections import Counter
 from pathlib import Path
 
 import fastavro
@@ -117,3 +118,59 @@ def test_second_snapshot_writes_no_unchanged_aspect(demo_mlflow: MlflowServer, k
     assert again.returncode == 0, again.stderr[-2000:]
     assert "MCPs acknowledged on" in again.stdout and ": 0 (unchanged aspects skipped:" in again.stdout
     assert len(_read_topic(kafka, cfg.kafka.topics.mcp)) == first
+
+
+def _mcp_contents(kafka: Kafka, topic: str) -> Counter[tuple[str, str, bytes]]:
+    """(URN, aspect, the aspect's JSON) -> how many times it was written. A shared URN (a stage tag,
+    a user) is written once by each partition's events that carry it."""
+    schema = fastavro.parse_schema(json.loads(getMetadataChangeProposalSchema()))
+    out: Counter[tuple[str, str, bytes]] = Counter()
+    for key, value in _read_topic(kafka, topic):
+        mcp = fastavro.schemaless_reader(io.BytesIO(value[5:]), schema, schema)
+        out[(key, mcp["aspectName"], mcp["aspect"]["value"])] += 1
+    return out
+
+
+def test_snapshot_with_two_consumer_processes_writes_what_one_writes(
+        demo_mlflow: MlflowServer, kafka: Kafka, make_config: ConfigFactory) -> None:
+    one_path, one = make_config(demo_mlflow.uri, name="one.yml")
+    two_path, two = make_config(demo_mlflow.uri, name="two.yml")
+    first = run_cli("snapshot", "-c", str(one_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("snapshot", "-c", str(two_path), "--consumers", "2", "--instance-id", "pair")
+    assert second.returncode == 0, second.stderr[-3000:]
+    # Both consumers took part, each under its own name (its own transactional id).
+    assert "consumer pair-1 reading" in second.stderr and "consumer pair-2 reading" in second.stderr
+    expected = _mcp_contents(kafka, one.kafka.topics.mcp)
+    assert len(expected) > 50
+    assert _mcp_contents(kafka, two.kafka.topics.mcp) == expected
+    assert f"MCPs acknowledged on {two.kafka.topics.mcp}: {sum(expected.values())} " in second.stdout
+
+
+def test_snapshot_fails_in_one_line_when_its_consumer_process_dies(
+        demo_mlflow: MlflowServer, make_config: ConfigFactory) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, _ = make_config(demo_mlflow.uri, {"producer": {"max_requests_per_second": 1}})  # a slow snapshot
+    command = subprocess.Popen([sys.executable, "-m", "connector.cli", "snapshot", "-c", str(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        children: list[int] = []
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with open(f"/proc/{command.pid}/task/{command.pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        assert children, "no consumer process was started"
+        time.sleep(2)  # let it join the group and start
+        os.kill(children[0], signal.SIGKILL)
+        out, err = command.communicate(timeout=120)
+    finally:
+        command.kill()
+    assert command.returncode == 1
+    assert "mlflow-datahub: consumer: consumer process 1 exited with code -9" in err, err[-2000:]
+    assert "Traceback" not in err
