@@ -123,10 +123,29 @@ class Finished:
     stderr: str
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 class Child:
-    """A subprocess: its end is reaped with wait4 (for its CPU time) and its peak resident memory is
-    VmHWM from /proc/<pid>/status, sampled every 50 ms while it runs. (wait4's ru_maxrss cannot be
-    used: Linux carries the parent's RSS at fork over into the child's.)"""
+    """A subprocess: its end is reaped with wait4 (for its CPU time, its own processes' included) and
+    its peak resident memory is VmHWM from /proc/<pid>/status, sampled every 50 ms while it runs, for
+    it and each process it starts (`snapshot` forks its consumers): the figure is the sum of their
+    peaks. (wait4's ru_maxrss cannot be used: Linux carries the parent's RSS at fork over into the
+    child's.)"""
 
     def __init__(self, argv: list[str], logs: Path, env: dict[str, str] | None = None) -> None:
         self.logs = logs
@@ -137,15 +156,26 @@ class Child:
         self.proc = subprocess.Popen([str(a) for a in argv], stdout=self._out, stderr=self._err, cwd=REPO,
                                      env=env or {**os.environ})
         self.finished: Finished | None = None
-        self.peak_mb = 0.0
+        self.peaks: dict[int, float] = {}  # pid -> VmHWM, MB, for the process and its descendants
         self._sampler = threading.Thread(target=self._sample, name="vmhwm", daemon=True)
         self._sampler.start()
 
+    @property
+    def peak_mb(self) -> float:
+        return sum(self.peaks.values())
+
+    def _sample_tree(self) -> None:
+        pending = [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            hwm = _vm_hwm_mb(pid)
+            if hwm is not None:
+                self.peaks[pid] = max(self.peaks.get(pid, 0.0), hwm)
+            pending += _children(pid)
+
     def _sample(self) -> None:
         while self.finished is None:
-            hwm = self.vm_hwm_mb()
-            if hwm is not None:
-                self.peak_mb = max(self.peak_mb, hwm)
+            self._sample_tree()
             time.sleep(0.05)
 
     def stderr(self) -> str:
@@ -155,20 +185,12 @@ class Child:
         return self.finished is None and self._reap(block=False) is None
 
     def vm_hwm_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
+        return _vm_hwm_mb(self.proc.pid)
 
     def _reap(self, block: bool) -> Finished | None:
         if self.finished is not None:
             return self.finished
-        hwm = self.vm_hwm_mb()  # the last reading while it is still there (a zombie has none)
-        if hwm is not None:
-            self.peak_mb = max(self.peak_mb, hwm)
+        self._sample_tree()  # the last reading while it is still there (a zombie has none)
         pid, status, usage = os.wait4(self.proc.pid, 0 if block else os.WNOHANG)
         if pid == 0:
             return None

@@ -280,10 +280,23 @@ def build(uri: str, s: Shape, threads: int = 8, progress: Callable[[str], None] 
              f"{time.monotonic() - started:.0f} s")
 
 
+# Copy k of a clone is dated k days before the base: a store ten times as large has grown over a
+# longer time, not ten times as fast. (Undated copies would put ten copies of the base's last
+# seconds in the same seconds, and the newest-first reads of an idle cycle, which read back the
+# last `watermark_overlap_seconds`, would read ten times as much.)
+CLONE_FORMAT = 2
+COPY_AGE_MS = 86_400_000
+TIMES = {"experiments": ("creation_time", "last_update_time"), "runs": ("start_time", "end_time", "deleted_time"),
+         "metrics": ("timestamp",), "latest_metrics": ("timestamp",),
+         "registered_models": ("creation_time", "last_updated_time"),
+         "model_versions": ("creation_time", "last_updated_time")}
+
+
 def clone(base_db: Path, base: Shape, copies: int, out: Path) -> None:
-    """A store holding `copies` copies of the base store's content: copy k > 0 gets new run ids and
-    renumbered experiments and models (experiment e -> e + k * experiments, model m -> m + k * models),
-    written with plain SQL into MLflow's own tables (the same rows the REST API wrote for the base)."""
+    """A store holding `copies` copies of the base store's content: copy k > 0 gets new run ids,
+    renumbered experiments and models (experiment e -> e + k * experiments, model m -> m + k * models)
+    and is dated k days earlier, written with plain SQL into MLflow's own tables (the same rows the
+    REST API wrote for the base)."""
     import re
     import sqlite3
     import uuid
@@ -333,6 +346,9 @@ def clone(base_db: Path, base: Shape, copies: int, out: Path) -> None:
         def insert(table: str, new_rows: list[dict[str, object]]) -> None:
             if not new_rows:
                 return
+            age = k * COPY_AGE_MS
+            new_rows = [{**r, **{c: r[c] - age for c in TIMES.get(table, ()) if isinstance(r.get(c), int)}}
+                        for r in new_rows]
             names = list(new_rows[0])
             con.executemany(f'INSERT INTO "{table}" ({", ".join(names)}) VALUES ({", ".join("?" * len(names))})',
                             [tuple(r[n] for n in names) for r in new_rows])
@@ -390,7 +406,8 @@ def cached_store(s: Shape, workdir: Path, progress: Callable[[str], None] = prin
     CACHE.mkdir(parents=True, exist_ok=True)
     scale = s.experiments // shape(1, s.name.startswith("quick")).experiments
     built_by = "-api" if scale > 1 and method == "api" else ""
-    cached = CACHE / f"mlflow-{s.name}{built_by}-v{FORMAT_VERSION}.db"
+    cloned = f".{CLONE_FORMAT}" if scale > 1 and method == "clone" else ""
+    cached = CACHE / f"mlflow-{s.name}{built_by}-v{FORMAT_VERSION}{cloned}.db"
     if cached.exists():
         progress(f"fixture {s.name}: cached store {cached.relative_to(REPO)}")
         return cached

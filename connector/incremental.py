@@ -49,7 +49,7 @@ from connector.events import (
 from connector.mlflow_reader import MlflowReader
 
 OVERLAP_MS = 5000
-FIRST_PAGE = 100
+FIRST_PAGE = 250  # covers the overlap (5 s) of a registry written 50 times a second
 ACTIVE_STATUSES = ("RUNNING", "SCHEDULED")
 
 

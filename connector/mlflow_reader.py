@@ -129,18 +129,18 @@ class MlflowReader:
 
     def _pages(self, what: str, search: Callable[..., Any], max_results: int, first_page: int | None = None,
                prefetch: bool = False, **kwargs: Any) -> Iterator[list[Any]]:
-        """A search, a page at a time. `first_page`: a smaller first page, for reads newest first
-        that usually stop early, or to hand a listing's first items on sooner (MLflow's page tokens
-        are offsets, so pages may differ in size). `prefetch`: request the next page while the
-        caller works on this one (for listings read to their end: a read that stops early would
-        waste the request)."""
+        """A search, a page at a time. `first_page`: a smaller first page (the next ones ten times as
+        large, up to `max_results`), for reads newest first that usually stop early, or to hand a
+        listing's first items on sooner (MLflow's page tokens are offsets, so pages may differ in
+        size). `prefetch`: request the next page while the caller works on this one (for listings
+        read to their end: a read that stops early would waste the request)."""
         size = min(first_page or max_results, max_results)
         if not prefetch:
             token = None
             while True:
                 page = self.call(what, search, page_token=token, max_results=size, **kwargs)
                 yield list(page)
-                token, size = page.token, max_results
+                token, size = page.token, min(size * 10, max_results)
                 if not token:
                     return
         with ThreadPoolExecutor(1, thread_name_prefix="mlflow-prefetch") as pool:
@@ -148,8 +148,8 @@ class MlflowReader:
             while True:
                 page = pending.result()
                 if page.token:
-                    pending = pool.submit(self.call, what, search, page_token=page.token, max_results=max_results,
-                                          **kwargs)
+                    size = min(size * 10, max_results)
+                    pending = pool.submit(self.call, what, search, page_token=page.token, max_results=size, **kwargs)
                 yield list(page)
                 if not page.token:
                     return
