@@ -15,13 +15,9 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +25,11 @@ from pathlib import Path
 from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.servers import MlflowServer  # noqa: E402  (the tests' server, and its free port)
+
 CACHE = REPO / ".cache" / "bench"
 FORMAT_VERSION = 1  # bump when the content below changes, so cached stores are rebuilt
 
@@ -68,12 +69,6 @@ def shape(scale: int = 1, quick: bool = False) -> Shape:
 
 
 # -- the server -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class AccessLog:
@@ -118,67 +113,30 @@ class AccessLog:
         self._thread.join(2)
 
 
-class BenchServer:
-    """`mlflow server` on loopback over a SQLite store (the connector's tests start it the same way),
-    with unbuffered output so the access log can be followed as requests happen."""
+class BenchServer(MlflowServer):
+    """The tests' `mlflow server` (loopback, SQLite store), with unbuffered output so that the access
+    log can be followed as requests happen, and webhooks allowed to the connector's receiver on
+    loopback over plain HTTP (part d)."""
 
     def __init__(self, workdir: Path, db: Path | None = None, workers: int = 1) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.db = workdir / "mlflow.db"
-        if db is not None:
-            shutil.copy(db, self.db)
-        self.workers = workers
-        self.port = free_port()
-        self.log_path = workdir / "server.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        if db is not None and (workdir / "mlflow.db").exists():
+            (workdir / "mlflow.db").unlink()  # a fresh copy of the store each time
+        super().__init__(workdir, db, workers=workers, env={
+            "PYTHONUNBUFFERED": "1",
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"})
         self.access: AccessLog | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180.0) -> BenchServer:
         self.log_path.touch()
         self.access = AccessLog(self.log_path)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
-             "--default-artifact-root", str(self.workdir / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(self.workers)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1",
-                 # webhooks to the connector's receiver on loopback over plain HTTP (part d)
-                 "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"},
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"mlflow server on {self.uri} not up in {timeout:.0f} s")
+        super().start(timeout)
+        return self
 
     def stop(self) -> None:
         if self.access is not None:
             self.access.close()
             self.access = None
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(5)
-        self.process = None
+        super().stop()
 
     def __enter__(self) -> BenchServer:
         return self
