@@ -57,9 +57,9 @@ from bench.scale_fixture import (  # noqa: E402
     BenchServer,
     Shape,
     cached_store,
-    free_port,
     shape,
 )
+from tests.servers import free_port  # noqa: E402
 
 ORIGINAL_VENV = Path(os.environ.get("DATAHUB_ORIGINAL_VENV") or REPO / ".cache" / "original-venv")
 PARTS = "bcafegd"  # the order they run in: (d) writes to MLflow, so it comes last
