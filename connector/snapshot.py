@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STOP_SECONDS = 120.0  # for a consumer to finish its batch and report, once told to stop
+
 
 class SnapshotFailed(Exception):
     """A consumer failed, or the snapshot was interrupted: the message says which."""
@@ -147,7 +149,13 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
                     conn.send(None)
                 except OSError:  # that consumer is gone; its EOF is its report
                     pass
-        collector.join()
+        collector.join(STOP_SECONDS)
+        for i, (child, _) in enumerate(children):
+            if i not in reports:  # it did not answer: its batch in flight was not acknowledged
+                child.kill()
+                reports[i] = ("error", f"consumer process {i + 1} did not stop within {STOP_SECONDS:.0f} s; "
+                                       "killed (what it had not committed is read again by the next consumer)")
+        collector.join(10)
         for child, conn in children:
             child.join(30)
             conn.close()
