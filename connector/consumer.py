@@ -56,6 +56,14 @@ class ConsumerStats:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    def add(self, other: ConsumerStats) -> None:
+        """Add another's counts (notes and warnings are logged where they arise, not kept)."""
+        self.events += other.events
+        self.mcps.update(other.mcps)
+        self.unchanged += other.unchanged
+        self.dead_letters += other.dead_letters
+        self.soft_deletes += other.soft_deletes
+
 
 class _Undo:
     """Previous values of the state entries a batch changed, to roll back on abort."""
@@ -233,11 +241,7 @@ class ChangeConsumer:
             log.info("%s", note)
         for warning in stats.warnings:
             log.warning("%s", warning)
-        self.stats.events += stats.events
-        self.stats.mcps.update(stats.mcps)
-        self.stats.unchanged += stats.unchanged
-        self.stats.dead_letters += stats.dead_letters
-        self.stats.soft_deletes += stats.soft_deletes
+        self.stats.add(stats)
 
     def _rewind(self, batch: list[Message]) -> None:
         """Seek each partition of the batch back to its first record in the batch."""

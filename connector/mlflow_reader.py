@@ -134,24 +134,18 @@ class MlflowReader:
         listing's first items on sooner (MLflow's page tokens are offsets, so pages may differ in
         size). `prefetch`: request the next page while the caller works on this one (for listings
         read to their end: a read that stops early would waste the request)."""
-        size = min(first_page or max_results, max_results)
-        if not prefetch:
-            token = None
+        def fetch(token: str | None, size: int) -> Any:
+            return self.call(what, search, page_token=token, max_results=size, **kwargs)
+
+        token, size = None, min(first_page or max_results, max_results)
+        with ThreadPoolExecutor(1, thread_name_prefix="mlflow-prefetch") as pool:  # a thread only once used
+            pending = pool.submit(fetch, token, size) if prefetch else None
             while True:
-                page = self.call(what, search, page_token=token, max_results=size, **kwargs)
-                yield list(page)
+                page = pending.result() if pending is not None else fetch(token, size)
                 token, size = page.token, min(size * 10, max_results)
-                if not token:
-                    return
-        with ThreadPoolExecutor(1, thread_name_prefix="mlflow-prefetch") as pool:
-            pending = pool.submit(self.call, what, search, page_token=None, max_results=size, **kwargs)
-            while True:
-                page = pending.result()
-                if page.token:
-                    size = min(size * 10, max_results)
-                    pending = pool.submit(self.call, what, search, page_token=page.token, max_results=size, **kwargs)
+                pending = pool.submit(fetch, token, size) if prefetch and token else None
                 yield list(page)
-                if not page.token:
+                if not token:
                     return
 
     # -- listings --------------------------------------------------------------------------------

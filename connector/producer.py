@@ -329,6 +329,12 @@ class ChangeProducer:
         seen: set[str] = set()
         batch: list[tuple[ChangeEvent, int | None]] = []
         marks = Watermarks()
+
+        def flush() -> None:
+            self._commit(batch)
+            summary.events += len(batch)
+            batch.clear()
+
         try:
             with closing(read_ahead(full_listing(self.reader))) as listing:
                 for item in listing:
@@ -336,9 +342,7 @@ class ChangeProducer:
                         raise InterruptedError("stopped")
                     if item is None:  # MLflow is still answering: what is read so far goes out now
                         if batch:
-                            self._commit(batch)
-                            summary.events += len(batch)
-                            batch = []
+                            flush()
                         continue
                     kind, entity = item
                     marks = marks.advanced(_watermark_of(kind, entity))
@@ -349,9 +353,7 @@ class ChangeProducer:
                     summary.entities[kind] = summary.entities.get(kind, 0) + 1
                     batch.append((event, None))
                     if len(batch) >= self.cfg.producer.transaction_size:
-                        self._commit(batch)
-                        summary.events += len(batch)
-                        batch = []
+                        flush()
             summary.complete = True
         except (MlflowUnavailable, InterruptedError) as e:
             summary.reason = str(e)

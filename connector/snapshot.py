@@ -172,11 +172,5 @@ def _total(parts: list[ConsumerStats]) -> ConsumerStats:
 
     total = ConsumerStats()
     for part in parts:
-        total.events += part.events
-        total.mcps.update(part.mcps)
-        total.unchanged += part.unchanged
-        total.dead_letters += part.dead_letters
-        total.soft_deletes += part.soft_deletes
-        total.notes += part.notes
-        total.warnings += part.warnings
+        total.add(part)
     return total
