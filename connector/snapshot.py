@@ -119,7 +119,8 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
                 i = waiting[conn]  # type: ignore[index]
                 try:
                     what, payload = conn.recv()  # type: ignore[union-attr]
-                except EOFError:
+                except EOFError:  # gone without a word; its exit code comes once it is reaped
+                    children[i][0].join(5)
                     what, payload = "error", f"consumer process {i + 1} exited with code {children[i][0].exitcode}"
                 if what == "positions":
                     for partition, offset in payload.items():
