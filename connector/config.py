@@ -133,7 +133,9 @@ class ProducerSettings(_Strict):
     poll_interval_seconds: float = Field(default=5.0, gt=0)
     reconcile_interval_seconds: float = Field(default=3600.0, gt=0)
     watermark_overlap_seconds: float = Field(default=5.0, ge=0)
-    page_size: int = Field(default=1000, ge=1, le=50000)
+    # Pages of 500: the consumer works on one page's events while MLflow serves the next, so a
+    # listing ends with at most a page of work left; larger pages save little at MLflow.
+    page_size: int = Field(default=500, ge=1, le=50000)
     model_version_page_size: int = Field(default=10000, ge=1, le=200000)
     max_requests_per_second: float | None = Field(default=None, gt=0)
     transaction_size: int = Field(default=500, ge=1)

@@ -25,6 +25,7 @@ from datahub.emitter.mcp import MetadataChangeProposalWrapper
 
 from connector import codec, state_store
 from connector.config import ConnectorConfig
+from connector.consuming import consume_batch
 from connector.kafka_logging import KafkaErrors, librdkafka_logger
 from connector.mcp_topic import McpSerializer, RegistryUnavailable
 from connector.oversize import fit_to_size
@@ -165,7 +166,9 @@ class ChangeConsumer:
     # -- main loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, done: Callable[[ChangeConsumer], bool] | None = None,
-            progress_seconds: float = 10.0) -> ConsumerStats:
+            progress_seconds: float = 10.0, wait_seconds: float = 0.5) -> ConsumerStats:
+        """Consumes until `stop` is set or `done(self)`, asked before each wait of up to
+        `wait_seconds` for records, says so."""
         self.consumer.subscribe([self.topics.changes], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         log.info("consumer %s reading %s into %s", self.instance_id, self.topics.changes, self.topics.mcp)
@@ -175,7 +178,7 @@ class ChangeConsumer:
             while not stop.is_set():
                 if done is not None and done(self):
                     break
-                messages = self.consumer.consume(self.cfg.consumer.batch_size, timeout=0.5)
+                messages = consume_batch(self.consumer, self.cfg.consumer.batch_size, timeout=wait_seconds)
                 batch = [m for m in messages if not self._skip_error(m)]
                 if batch:
                     self._process_batch(batch, stop)

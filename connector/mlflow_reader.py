@@ -50,7 +50,7 @@ class MlflowUnavailable(Exception):
 class ReaderSettings:
     tracking_uri: str
     registry_uri: str
-    page_size: int = 1000
+    page_size: int = 500
     model_version_page_size: int = 10000
     max_requests_per_second: float | None = None
     retry_initial_seconds: float = 1.0

@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from connector import codec
 from connector.changes import entity_changed, entity_deleted, fingerprint, fit_event, snapshot_marker, source_block
 from connector.config import ConfigError, ConnectorConfig
+from connector.consuming import consume_batch
 from connector.events import SNAPSHOT_MARKER_KEY, ChangeEvent, Entity, EntityKind, kind_of_key
 from connector.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
 from connector.kafka_logging import KafkaErrors, librdkafka_logger
@@ -86,7 +87,7 @@ def read_to_end(bootstrap: str, topic: str, extra: dict[str, object] | None = No
                 assignment.append(TopicPartition(topic, p, low))
         reader.assign(assignment)
         while pending:
-            for msg in reader.consume(1000, timeout=1.0):
+            for msg in consume_batch(reader, 1000, timeout=1.0):
                 if msg.error():
                     if msg.error().code() == KafkaError._PARTITION_EOF:
                         pending.discard(msg.partition())

@@ -38,6 +38,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from connector import codec, state_store
 from connector.config import ConnectorConfig
 from connector.consumer import ChangeConsumer
+from connector.consuming import consume_batch
 from connector.kafka_logging import librdkafka_logger
 from connector.state import SNAPSHOT_KEY, Entry, PartitionState, Policy, decide
 from connector.topics import admin, partition_count, topic_configs
@@ -233,7 +234,7 @@ def state_before(cfg: ConnectorConfig, lows: dict[int, int], starts: dict[int, i
             while position < start:
                 if stop is not None and stop.is_set():
                     raise ReplayError("replay interrupted while deriving the state; nothing was changed")
-                for msg in reader.consume(1000, timeout=0.5):
+                for msg in consume_batch(reader, 1000, timeout=0.5):
                     if msg.error():
                         if msg.error().code() == KafkaError._PARTITION_EOF:
                             continue

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_SECONDS = 120.0  # for a consumer to finish its batch and report, once told to stop
+# How long a snapshot's consumer waits for records before it looks for the command's stop: short,
+# since the command waits for it to stop once the last events are written.
+SNAPSHOT_CONSUMER_WAIT_SECONDS = 0.05
 
 
 class SnapshotFailed(Exception):
@@ -73,7 +76,7 @@ def _consume(cfg: ConnectorConfig, instance_id: str | None, conn: Connection) ->
         return stop.is_set()
 
     try:
-        stats = ChangeConsumer(cfg, instance_id).run(stop, done=done)
+        stats = ChangeConsumer(cfg, instance_id).run(stop, done=done, wait_seconds=SNAPSHOT_CONSUMER_WAIT_SECONDS)
         conn.send(("stats", stats))
     except (ConfigError, RegistryUnavailable) as e:
         conn.send(("error", str(e)))
@@ -109,6 +112,7 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
         children.append((child, conn))
     positions: dict[int, int] = {}  # the furthest each partition was committed, by any consumer
     reports: dict[int, tuple[str, object]] = {}
+    moved = threading.Condition()  # notified when positions move, a consumer reports, or stop is set
 
     def collect() -> None:
         """Reads the consumers' messages until each has made its final report; a failed consumer
@@ -122,13 +126,15 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
                 except EOFError:  # gone without a word; its exit code comes once it is reaped
                     children[i][0].join(5)
                     what, payload = "error", f"consumer process {i + 1} exited with code {children[i][0].exitcode}"
-                if what == "positions":
-                    for partition, offset in payload.items():
-                        positions[partition] = max(positions.get(partition, 0), offset)
-                    continue
-                reports[i] = (what, payload)
-                if what == "error":
-                    stop.set()
+                with moved:
+                    if what == "positions":
+                        for partition, offset in payload.items():
+                            positions[partition] = max(positions.get(partition, 0), offset)
+                    else:
+                        reports[i] = (what, payload)
+                        if what == "error":
+                            stop.set()
+                    moved.notify_all()
 
     collector = threading.Thread(target=collect, name="consumer-reports", daemon=True)
     collector.start()
@@ -141,8 +147,9 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
         finally:
             producer.close()
         ends = summary.end_offsets
-        while not stop.is_set() and not all(positions.get(p, 0) > o for p, o in ends.items()):
-            stop.wait(0.2)
+        with moved:  # woken by each report; the timeout is for a stop by signal
+            while not stop.is_set() and not all(positions.get(p, 0) > o for p, o in ends.items()):
+                moved.wait(0.2)
     finally:
         for i, (_, conn) in enumerate(children):
             if i not in reports:

@@ -9,6 +9,7 @@ import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from connector.consuming import consume_batch
 from connector.kafka_logging import librdkafka_logger
 from connector.state import SNAPSHOT_KEY, Entry, PartitionState
 
@@ -47,7 +48,7 @@ def restore(bootstrap: str, topic: str, partitions: list[int], extra: dict[str, 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"state topic {topic} partitions {sorted(pending)} not read to their end "
                                    f"in {timeout:.0f} s (an open transaction of a crashed instance?)")
-            for msg in reader.consume(1000, timeout=1.0):
+            for msg in consume_batch(reader, 1000, timeout=1.0):
                 p = msg.partition()
                 if msg.error():
                     if msg.error().code() == KafkaError._PARTITION_EOF:
