@@ -112,7 +112,7 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
         children.append((child, conn))
     positions: dict[int, int] = {}  # the furthest each partition was committed, by any consumer
     reports: dict[int, tuple[str, object]] = {}
-    moved = threading.Condition()  # notified when positions move, a consumer reports, or stop is set
+    moved = threading.Condition()  # notified when positions move or a consumer reports
 
     def collect() -> None:
         """Reads the consumers' messages until each has made its final report; a failed consumer
@@ -147,7 +147,7 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
         finally:
             producer.close()
         ends = summary.end_offsets
-        with moved:  # woken by each report; the timeout is for a stop by signal
+        with moved:  # woken by each report; the timeout lets a stop by signal be seen
             while not stop.is_set() and not all(positions.get(p, 0) > o for p, o in ends.items()):
                 moved.wait(0.2)
     finally:
