@@ -130,15 +130,27 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by a process and every process under it."""
-    total = 0.0
+def _process_tree(pid: int) -> list[int]:
+    """A process and every process under it (those still there)."""
+    tree, pending = [], [pid]
+    while pending:
+        p = pending.pop()
+        tree.append(p)
+        pending += _children(p)
+    return tree
+
+
+def _cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     except (OSError, IndexError, ValueError):
         return 0.0
-    return total + sum(tree_cpu_seconds(c) for c in _children(pid))
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and every process under it."""
+    return sum(_cpu_seconds(p) for p in _process_tree(pid))
 
 
 def _vm_hwm_mb(pid: int) -> float | None:
@@ -176,13 +188,10 @@ class Child:
         return sum(self.peaks.values())
 
     def _sample_tree(self) -> None:
-        pending = [self.proc.pid]
-        while pending:
-            pid = pending.pop()
+        for pid in _process_tree(self.proc.pid):
             hwm = _vm_hwm_mb(pid)
             if hwm is not None:
                 self.peaks[pid] = max(self.peaks.get(pid, 0.0), hwm)
-            pending += _children(pid)
 
     def _sample(self) -> None:
         while self.finished is None:
@@ -319,6 +328,10 @@ class Bench:
     def uri(self) -> str:
         return self.server.uri
 
+    def server_cpu_seconds(self) -> float:
+        """CPU time the MLflow server's processes have used so far."""
+        return tree_cpu_seconds(self.server.process.pid)  # type: ignore[union-attr]
+
     def requests(self, start: float, end: float) -> list[tuple[float, str]]:
         assert self.server.access is not None
         return self.server.access.between(start, end)
@@ -454,12 +467,11 @@ def part_b(b: Bench) -> None:
     floor_read(b.uri)  # warm-up: the server's first read of the store pays for the OS page cache
     b.server.access.settle()  # type: ignore[union-attr]
     rounds = []
-    server_pid = b.server.process.pid  # type: ignore[union-attr]
     for _ in range(b.args.repeat_floor):
-        t0, cpu0 = time.time(), tree_cpu_seconds(server_pid)
+        t0, cpu0 = time.time(), b.server_cpu_seconds()
         r = floor_read(b.uri)
         b.server.access.settle()  # type: ignore[union-attr]
-        r["server_cpu_seconds"] = tree_cpu_seconds(server_pid) - cpu0
+        r["server_cpu_seconds"] = b.server_cpu_seconds() - cpu0
         r["requests"] = len(b.requests(t0, time.time()))
         rounds.append(r)
     seconds = statistics.median(r["seconds"] for r in rounds)
@@ -509,14 +521,13 @@ def part_c(b: Bench) -> None:
     say("(c) connector: `mlflow-datahub snapshot` with fresh topics, until the last MCP is acknowledged")
     # Each round on topics of its own, like a first snapshot; the median round is reported (as (b)).
     rounds: list[tuple[Child, Finished, float]] = []
-    server_pid = b.server.process.pid  # type: ignore[union-attr]
     for i in range(b.args.repeat_snapshot):
         path, data = b.config(f"snapshot-{i + 1}")
-        cpu0 = tree_cpu_seconds(server_pid)
+        cpu0 = b.server_cpu_seconds()
         child = Child(connector_cli("snapshot", "-c", path), b.workdir / f"snapshot-{i + 1}")
         fin = child.wait(b.args.timeout)
         b.server.access.settle()  # type: ignore[union-attr]
-        server_cpu = tree_cpu_seconds(server_pid) - cpu0
+        server_cpu = b.server_cpu_seconds() - cpu0
         if fin.rc != 0:
             raise RuntimeError(f"snapshot failed ({fin.rc}):\n{tail(fin.stderr)}\n{tail(fin.stdout)}")
         rounds.append((child, fin, server_cpu))
