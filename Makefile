@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 ORIGINAL := .cache/original-venv
 
-.PHONY: demo test lint bench clean stack-down
+.PHONY: demo test test-unit lint bench clean stack-down
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,14 @@ $(ORIGINAL)/.installed:
 demo: $(VENV)/.installed
 	$(VENV)/bin/mlflow-datahub demo -c examples/local.yml
 
+# The whole suite: pure unit tests, then the integration tests on the real local stack.
 test: $(VENV)/.installed $(ORIGINAL)/.installed
 	$(VENV)/bin/ruff check connector tests bench
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration
+
+# The pure tests only (seconds, no stack): the inner loop.
+test-unit: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check connector tests bench

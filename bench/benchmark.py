@@ -59,7 +59,7 @@ from bench.scale_fixture import (  # noqa: E402
     cached_store,
     shape,
 )
-from tests.servers import free_port  # noqa: E402
+from connector.devstack.mlflow_server import free_port  # noqa: E402
 
 ORIGINAL_VENV = Path(os.environ.get("DATAHUB_ORIGINAL_VENV") or REPO / ".cache" / "original-venv")
 PARTS = "bcafegd"  # the order they run in: (d) writes to MLflow, so it comes last
@@ -277,7 +277,7 @@ PRIVATE_PORTS = ("MLFLOW_DATAHUB_KAFKA_PORT", "MLFLOW_DATAHUB_CONTROLLER_PORT", 
 def kafka_endpoints(private: bool) -> tuple[str, str]:
     """The environment's Kafka and registry, else the local stack; `private`: a stack of the bench's
     own in .cache/bench/stack on other ports (Kafka restarts by concurrent test runs cannot reach it)."""
-    from connector import stack
+    from connector.devstack import stack
 
     if private:
         if not any(s.running for s in stack.status(root=PRIVATE_STACK)):
@@ -482,8 +482,8 @@ def part_b(b: Bench) -> None:
     # The connector's own listing (its page sizes, joins and entity states), no Kafka: how much of
     # the producer's time is MLflow reading as the connector does it.
     from connector.config import parse
-    from connector.listing import full_listing
-    from connector.mlflow_reader import MlflowReader
+    from connector.mlflow.listing import full_listing
+    from connector.mlflow.reader import MlflowReader
 
     cfg = parse(yaml.safe_load(b.config("listing")[0].read_text()))
     reader = MlflowReader(cfg.reader_settings())
@@ -684,13 +684,13 @@ def part_f(b: Bench) -> None:
     from confluent_kafka.serialization import MessageField, SerializationContext
     from datahub.emitter.kafka_emitter import MCE_KEY, MCP_KEY, DatahubKafkaEmitter, KafkaEmitterConfig
 
-    from connector import codec
-    from connector.changes import entity_changed, source_block
-    from connector.listing import full_listing
-    from connector.mapping import MappingSettings, to_mcps
-    from connector.mcp_topic import McpSerializer
-    from connector.mlflow_reader import MlflowReader, ReaderSettings
-    from connector.state import Decider, PartitionState, Policy, aspect_fingerprint
+    from connector.contract import codec
+    from connector.contract.envelope import entity_changed, source_block
+    from connector.datahub.decisions import Decider, PartitionState, Policy, aspect_fingerprint
+    from connector.datahub.mapping import MappingSettings, to_mcps
+    from connector.kafka.mcp_serde import McpSerializer
+    from connector.mlflow.listing import full_listing
+    from connector.mlflow.reader import MlflowReader, ReaderSettings
 
     say("(f) consumer throughput on one core: our path vs DataHub's emitter serialisation")
     reader = MlflowReader(ReaderSettings(tracking_uri=b.uri, registry_uri=b.uri))
@@ -783,7 +783,7 @@ def part_f(b: Bench) -> None:
                           if ours.value(a) != theirs_value(c, ctx_value))
 
     def prototype_path(state: PartitionState) -> None:
-        import connector.state as state_module
+        import connector.datahub.decisions as state_module
 
         original = state_module.aspect_fingerprint
         state_module.aspect_fingerprint = fast.fingerprint  # type: ignore[assignment]
@@ -996,7 +996,7 @@ class McpTracker:
     def __init__(self, bootstrap: str, registry: str, topic: str, aspects: set[str]) -> None:
         from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
-        from connector.mcp_topic import McpDeserializer
+        from connector.kafka.mcp_serde import McpDeserializer
 
         self.aspects = aspects
         self.arrivals: dict[tuple[str, str], list[tuple[float, str]]] = {}
@@ -1085,7 +1085,7 @@ def measure_writes(b: Bench, tracker: McpTracker, label: str, count: int, write:
 def part_d(b: Bench) -> None:
     from mlflow import MlflowClient
 
-    from connector.mapping import MappingSettings, model_urn, run_urn
+    from connector.datahub.mapping import MappingSettings, model_urn, run_urn
 
     poll = b.args.poll_interval
     extra: dict[str, Any] = {}
@@ -1319,7 +1319,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"could not delete the bench's topics: {e}")
             shutil.rmtree(workdir, ignore_errors=True)
         if args.private_stack and not args.keep:
-            from connector import stack
+            from connector.devstack import stack
 
             say("private stack stopped: " + ", ".join(stack.down(root=PRIVATE_STACK)))
     summary(b)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.servers import MlflowServer  # noqa: E402  (the tests' server, and its free port)
+from connector.devstack.mlflow_server import MlflowServer  # noqa: E402  (the tests' server, and its free port)
 
 CACHE = REPO / ".cache" / "bench"
 FORMAT_VERSION = 1  # bump when the content below changes, so cached stores are rebuilt

@@ -18,18 +18,15 @@ from typing import TYPE_CHECKING, NoReturn
 from confluent_kafka import KafkaException
 
 from connector import __version__
-from connector.config import ConfigError, ConnectorConfig, load
+from connector.config import ConnectorConfig, load
+from connector.errors import CommandFailed, ConfigError, OperatorError
 
 if TYPE_CHECKING:
-    from connector.mlflow_reader import MlflowReader
-    from connector.producer import ChangeProducer
-    from connector.webhooks import WebhookReceiver
+    from connector.mlflow.reader import MlflowReader
+    from connector.mlflow.webhooks import WebhookReceiver
+    from connector.pipeline.producer import ChangeProducer
 
 log = logging.getLogger("mlflow-datahub")
-
-
-class Failure(Exception):
-    """An expected failure: printed as one line, exit code 1, no traceback."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -58,7 +55,7 @@ def _stop_on_signals() -> threading.Event:
 
 def _startup(cfg_path: str) -> ConnectorConfig:
     """Load the configuration and check that Kafka answers; topics are created if missing."""
-    from connector.topics import ensure_topics
+    from connector.kafka.topics import ensure_topics
 
     cfg = load(cfg_path)
     cfg.mlflow.resolved_tracking_uri()
@@ -70,15 +67,15 @@ def _startup(cfg_path: str) -> ConnectorConfig:
 
 
 def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds: float = 10.0) -> MlflowReader:
-    from connector.mlflow_reader import MlflowReader, MlflowUnavailable
+    from connector.mlflow.reader import MlflowReader, MlflowUnavailable
 
     reader = MlflowReader(cfg.reader_settings(retry_for_seconds=check_seconds))
     try:
         reader.check()
     except MlflowUnavailable as e:
-        raise Failure(f"source.config.tracking_uri: {e}") from None
+        raise CommandFailed(f"source.config.tracking_uri: {e}") from None
     except Exception as e:  # a URI MLflow cannot use at all
-        raise Failure(f"source.config.tracking_uri: MLflow at {reader.settings.tracking_uri} cannot be read: "
+        raise CommandFailed(f"source.config.tracking_uri: MLflow at {reader.settings.tracking_uri} cannot be read: "
                       f"{str(e).splitlines()[0][:200]}") from None
     reader.settings = cfg.reader_settings(retry_for_seconds=retry_for_seconds)
     return reader
@@ -88,7 +85,7 @@ def _start_webhooks(cfg: ConnectorConfig, producer: ChangeProducer) -> WebhookRe
     """The webhook receiver (when configured), feeding the producer's targeted reads."""
     if cfg.webhooks is None:
         return None
-    from connector.webhooks import WebhookReceiver
+    from connector.mlflow.webhooks import WebhookReceiver
 
     return WebhookReceiver.from_config(cfg.webhooks, producer.refresh_requests).start()
 
@@ -97,7 +94,7 @@ def _start_webhooks(cfg: ConnectorConfig, producer: ChangeProducer) -> WebhookRe
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from connector import stack
+    from connector.devstack import stack
 
     if args.action == "up":
         endpoints = stack.up(progress=lambda line: print(line, file=sys.stderr))
@@ -113,7 +110,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from connector.producer import ChangeProducer
+    from connector.pipeline.producer import ChangeProducer
 
     cfg = _startup(args.config)
     producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
@@ -126,7 +123,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    from connector.consumer import ChangeConsumer
+    from connector.pipeline.consumer import ChangeConsumer
 
     cfg = _startup(args.config)
     ChangeConsumer(cfg, args.instance_id).run(_stop_on_signals())
@@ -134,8 +131,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from connector.consumer import ChangeConsumer
-    from connector.producer import ChangeProducer
+    from connector.pipeline.consumer import ChangeConsumer
+    from connector.pipeline.producer import ChangeProducer
 
     cfg = _startup(args.config)
     stop = _stop_on_signals()
@@ -169,16 +166,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from connector.snapshot import SnapshotFailed, run_snapshot
+    from connector.pipeline.snapshot import run_snapshot
 
     started = time.monotonic()
     cfg = _startup(args.config)
     stop = _stop_on_signals()
-    try:
-        result = run_snapshot(cfg, lambda: _reader(cfg, retry_for_seconds=args.mlflow_retry_seconds), stop,
-                              args.instance_id, args.consumers)
-    except SnapshotFailed as e:
-        raise Failure(str(e)) from None
+    result = run_snapshot(cfg, lambda: _reader(cfg, retry_for_seconds=args.mlflow_retry_seconds), stop,
+                          args.instance_id, args.consumers)
     summary, stats = result.summary, result.stats
     print(f"snapshot {summary.snapshot_id}: {'complete' if summary.complete else 'INCOMPLETE'}")
     print(f"  entities: {sum(summary.entities.values())} "
@@ -190,25 +184,22 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         print(f"    {aspect:32} {count}")
     print(f"  seconds: {time.monotonic() - started:.1f}")
     if not summary.complete:
-        raise Failure(f"snapshot incomplete: {summary.reason}")
+        raise CommandFailed(f"snapshot incomplete: {summary.reason}")
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from connector.replay import ReplayError, parse_timestamp, replay
+    from connector.pipeline.replay import parse_timestamp, replay
 
-    try:
-        since = None if args.from_beginning else parse_timestamp(args.from_timestamp)
-        cfg = _startup(args.config)
-        summary = replay(cfg, since, _stop_on_signals(), args.instance_id)
-    except ReplayError as e:
-        raise Failure(str(e)) from None
+    since = None if args.from_beginning else parse_timestamp(args.from_timestamp)
+    cfg = _startup(args.config)
+    summary = replay(cfg, since, _stop_on_signals(), args.instance_id)
     print("\n".join(summary.lines()))
     return 0
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from connector.dump import dump
+    from connector.pipeline.dump import dump
 
     cfg = _startup(args.config)
     count = dump(cfg, Path(args.out))
@@ -220,12 +211,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Local stack, demo content, streaming, and a live change seen on the MCP topic."""
     import os
 
-    from connector import stack
-    from connector.consumer import ChangeConsumer
-    from connector.demo import live_change, populate
-    from connector.dump import read_mcps
-    from connector.mapping import run_urn
-    from connector.producer import ChangeProducer, consumer_lag
+    from connector.datahub.mapping import run_urn
+    from connector.devstack import stack
+    from connector.devstack.demo import live_change, populate
+    from connector.kafka.clients import KafkaConnection
+    from connector.kafka.reading import consumer_lag
+    from connector.pipeline.consumer import ChangeConsumer
+    from connector.pipeline.dump import read_mcps
+    from connector.pipeline.producer import ChangeProducer
 
     if not (os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("SCHEMA_REGISTRY_URL")):
         endpoints = stack.up(progress=lambda line: print(line, file=sys.stderr))
@@ -233,6 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             name, _, value = line.partition("=")
             os.environ.setdefault(name, value)
     cfg = _startup(args.config)
+    connection = KafkaConnection(cfg.kafka)
     tracking_uri = cfg.mlflow.resolved_tracking_uri()
     print(f"1. demo content in MLflow at {tracking_uri}")
     populate(tracking_uri)
@@ -249,13 +243,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         while not condition():
             if stop.is_set() or time.monotonic() > deadline or not all(t.is_alive() for t in threads):
                 stop.set()
-                raise Failure(f"demo: gave up waiting for {what}")
+                raise CommandFailed(f"demo: gave up waiting for {what}")
             time.sleep(0.5)
 
     print("2. streaming: producer and consumer running (mlflow-datahub run does the same)")
 
     def caught_up() -> bool:
-        return producer.position.last_snapshot_ms is not None and consumer_lag(cfg) == 0
+        if producer.position.last_snapshot_ms is None:
+            return False
+        return sum(consumer_lag(connection, cfg.kafka.topics.changes, cfg.kafka.consumer_group).values()) == 0
 
     wait_for("the consumer to catch up", caught_up)
     by_aspect = Counter(mcp.aspectName for _, mcp in read_mcps(cfg))
@@ -281,18 +277,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
-    from connector.webhooks import InstallError, install
+    from connector.mlflow.webhooks import install
 
-    cfg = load(args.config)
-    try:
-        print(install(cfg))
-    except InstallError as e:
-        raise Failure(str(e)) from None
+    print(install(load(args.config)))
     return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from connector.demo import populate
+    from connector.devstack.demo import populate
 
     cfg = load(args.config)
     populate(cfg.mlflow.resolved_tracking_uri())
@@ -364,15 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as e:
         print(f"mlflow-datahub: configuration error: {e}", file=sys.stderr)
-    except Failure as e:
+    except OperatorError as e:
         print(f"mlflow-datahub: {e}", file=sys.stderr)
     except KafkaException as e:
         print(f"mlflow-datahub: Kafka error: {e.args[0].str() if e.args else e}", file=sys.stderr)
-    except Exception as e:
-        if type(e).__name__ == "StackError":
-            print(f"mlflow-datahub: {e}", file=sys.stderr)
-        else:
-            raise
     return 1
 
 

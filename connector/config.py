@@ -21,18 +21,16 @@ import yaml
 from datahub.configuration.source_common import ALL_ENV_TYPES
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from connector.errors import ConfigError
+
 if TYPE_CHECKING:  # imported where used: the consumer needs no MLflow client, the producer no DataHub model
-    from connector.mapping import MappingSettings
-    from connector.mlflow_reader import ReaderSettings
+    from connector.datahub.mapping import MappingSettings
+    from connector.mlflow.reader import ReaderSettings
 
 log = logging.getLogger(__name__)
 
 # Top-level recipe keys that configure DataHub's ingestion pipeline, not the source.
 RECIPE_PIPELINE_KEYS = ("run_id", "datahub_api", "transformers", "reporting", "flags", "failure_log")
-
-
-class ConfigError(Exception):
-    """A configuration that cannot start the connector; the message names the field."""
 
 
 class _Strict(BaseModel):
@@ -113,6 +111,9 @@ class KafkaConfig(_Strict):
     replication_factor: int = Field(default=1, ge=1)
     consumer_group: str = "mlflow-datahub"
     transactional_id_prefix: str = "mlflow-datahub"
+    # librdkafka settings of the connection (security.protocol, sasl.*, ssl.*), for every client:
+    # see connector/kafka/clients.py for the rule.
+    connection_config: dict[str, Any] = {}
     producer_config: dict[str, Any] = {}
     consumer_config: dict[str, Any] = {}
 
@@ -247,7 +248,7 @@ class ConnectorConfig(_Strict):
         return self.mlflow.stateful_ingestion or StatefulIngestion()
 
     def mapping_settings(self) -> MappingSettings:
-        from connector.mapping import MappingSettings
+        from connector.datahub.mapping import MappingSettings
 
         c = self.mlflow
         return MappingSettings(
@@ -260,12 +261,9 @@ class ConnectorConfig(_Strict):
         )
 
     def reader_settings(self, retry_for_seconds: float | None = None) -> ReaderSettings:
-        from connector.mlflow_reader import ReaderSettings
+        from connector.mlflow.reader import ReaderSettings
 
         c = self.mlflow
-        if c.username and c.password:
-            os.environ["MLFLOW_TRACKING_USERNAME"] = c.username
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = c.password.get_secret_value()
         return ReaderSettings(
             tracking_uri=c.resolved_tracking_uri(),
             registry_uri=c.resolved_registry_uri(),
@@ -273,6 +271,8 @@ class ConnectorConfig(_Strict):
             model_version_page_size=self.producer.model_version_page_size,
             max_requests_per_second=self.producer.max_requests_per_second,
             retry_for_seconds=retry_for_seconds,
+            username=c.username,
+            password=c.password.get_secret_value() if c.password else None,
         )
 
 

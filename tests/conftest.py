@@ -19,9 +19,12 @@ from typing import Any
 
 import pytest
 import yaml
+from confluent_kafka import Message
 
-from connector.config import ConnectorConfig, parse
-from tests.servers import MlflowServer
+from connector.config import ConnectorConfig, KafkaConfig, parse
+from connector.devstack.mlflow_server import MlflowServer
+from connector.kafka.clients import KafkaConnection
+from connector.kafka.reading import read_committed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,7 +42,7 @@ def kafka() -> Iterator[Kafka]:
     if bootstrap and registry:
         yield Kafka(bootstrap, registry)
         return
-    from connector import stack
+    from connector.devstack import stack
 
     was_running = {s.name for s in stack.status() if s.running}
     endpoints = stack.up()
@@ -75,7 +78,7 @@ def mlflow_factory(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Pa
 @pytest.fixture(scope="session")
 def demo_mlflow(mlflow_factory: Callable[[], MlflowServer]) -> MlflowServer:
     """A server holding the demo content (connector.demo); tests must not change it."""
-    from connector.demo import populate
+    from connector.devstack.demo import populate
 
     server = mlflow_factory()
     populate(server.uri)
@@ -126,6 +129,11 @@ def make_config(kafka: Kafka, tmp_path: Path) -> ConfigFactory:
         return path, parse(data)
 
     return make
+
+
+def read_to_end(bootstrap: str, topic: str) -> Iterator[Message]:
+    """Every committed record of a topic, from its beginning to its current end."""
+    return read_committed(KafkaConnection(KafkaConfig(bootstrap_servers=bootstrap)), topic, role="test reader")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300

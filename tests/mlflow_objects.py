@@ -31,8 +31,9 @@ from mlflow.entities.model_registry import (
     RegisteredModelTag,
 )
 
-from connector import changes
-from connector.events import ChangeEvent, Entity, EntityKind, Operation, Source
+from connector.contract import envelope
+from connector.contract.events import ChangeEvent, Entity, EntityKind, Operation, Source
+from connector.mlflow import entities as changes
 
 TRACKING_URI = "http://mlflow.example:5000"
 READ_AT_MS = 1_795_793_706_000
@@ -179,13 +180,13 @@ def model_version(
 
 
 def source(tracking_uri: str = TRACKING_URI, snapshot_id: str | None = None) -> Source:
-    return changes.source_block(tracking_uri, tracking_uri, READ_AT_MS, snapshot_id)
+    return envelope.source_block(tracking_uri, tracking_uri, READ_AT_MS, snapshot_id)
 
 
 def changed(
     kind: EntityKind, state: Entity, *, op: Operation = "UPDATE", tracking_uri: str = TRACKING_URI
 ) -> ChangeEvent:
-    return changes.entity_changed(op, kind, state, source(tracking_uri), READ_AT_MS + 1)
+    return envelope.entity_changed(op, kind, state, source(tracking_uri), READ_AT_MS + 1)
 
 
 def run_event(

@@ -1,0 +1,1 @@
+"""Reading MLflow: the REST reader, complete listings, incremental detection, webhooks, entity states."""

@@ -1,0 +1,101 @@
+"""What MLflow holds, as entity states, read in bulk and joined into self-contained events.
+
+A complete listing reads experiments, registered models and model versions (small), then streams
+runs page by page across many experiments at once. Each run is joined with the versions it
+produced and each version with its run, so no per-object call is made. Memory holds the
+experiments' names and the model versions' index, never the runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
+
+from connector.contract.events import Entity, EntityKind, ModelVersionRef, RegisteredModel, RunSummary
+from connector.mlflow.entities import (
+    aliases_by_version,
+    experiment_state,
+    logged_model_state,
+    model_version_state,
+    registered_model_state,
+    run_state,
+    run_summary,
+)
+from connector.mlflow.reader import MlflowReader
+
+log = logging.getLogger("connector.listing")
+
+FIRST_RUNS_PAGE = 200
+
+
+@dataclass
+class RegistryIndex:
+    """Registered models and their versions, indexed for the joins."""
+
+    models: dict[str, RegisteredModel] = field(default_factory=dict)
+    versions: list[MlflowModelVersion] = field(default_factory=list)
+    by_run: dict[str, list[MlflowModelVersion]] = field(default_factory=dict)
+
+    def refs_of_run(self, run_id: str) -> list[ModelVersionRef]:
+        return [{"name": v.name, "version": str(v.version)} for v in self.by_run.get(run_id, [])]
+
+    def aliases(self, version: MlflowModelVersion) -> list[str]:
+        model = self.models.get(version.name)
+        return aliases_by_version(model).get(str(version.version), []) if model else []
+
+
+def read_registry(reader: MlflowReader) -> RegistryIndex:
+    index = RegistryIndex()
+    for page in reader.registered_models():
+        for model in page:
+            index.models[model.name] = registered_model_state(model)
+    for versions in reader.model_versions():
+        for version in versions:
+            index.versions.append(version)
+            if version.run_id:
+                index.by_run.setdefault(version.run_id, []).append(version)
+    return index
+
+
+def full_listing(reader: MlflowReader, progress_every: int = 5000) -> Iterator[tuple[EntityKind, Entity]]:
+    """Every entity of MLflow, in dependency order. Raises MlflowUnavailable if a read fails:
+    a listing that did not run to its end is never mistaken for a complete one."""
+    experiment_names: dict[str, str] = {}
+    for page in reader.experiments():
+        for experiment in page:
+            experiment_names[str(experiment.experiment_id)] = experiment.name
+            yield "EXPERIMENT", experiment_state(experiment)
+    index = read_registry(reader)
+    for model in index.models.values():
+        yield "REGISTERED_MODEL", model
+    emitted_versions: set[tuple[str, str]] = set()
+    runs = 0
+    # The first page small, so that the first events are on their way (and the consumer at work)
+    # while MLflow still searches; each next page requested while this one is worked on.
+    for page in reader.runs(list(experiment_names), first_page=FIRST_RUNS_PAGE, prefetch=True):
+        for run in page:
+            state = run_state(run, experiment_names.get(str(run.info.experiment_id), ""),
+                              index.refs_of_run(run.info.run_id))
+            yield "RUN", state
+            runs += 1
+            if runs % progress_every == 0:
+                log.info("listing: %d runs read", runs)
+            for version in index.by_run.get(run.info.run_id, []):
+                emitted_versions.add((version.name, str(version.version)))
+                yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run_summary(state))
+    # Versions whose run was not among the listed runs: without a run, or with a run elsewhere.
+    orphans = [v for v in index.versions if (v.name, str(v.version)) not in emitted_versions]
+    summaries: dict[str, RunSummary] = {}
+    wanted = [v.run_id for v in orphans if v.run_id]
+    if wanted:
+        for run in reader.runs_by_id(list(experiment_names), wanted):
+            summaries[run.info.run_id] = run_summary(run_state(run, "", []))
+    for version in orphans:
+        run = summaries.get(version.run_id) if version.run_id else None
+        yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run)
+    for page in reader.logged_models(list(experiment_names)):
+        for model in page:
+            yield "LOGGED_MODEL", logged_model_state(model)

@@ -1,0 +1,1 @@
+"""The running parts: producer, consumer, snapshot, replay, dump."""
