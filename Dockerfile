@@ -19,7 +19,7 @@ COPY schemas /src/schemas
 # the build fails if the installed connector cannot load them.
 WORKDIR /
 RUN pip install /src \
-    && python -c 'from connector.codec import schema_versions; print("change-event schema versions:", sorted(schema_versions()))' \
+    && python -c 'from connector.contract.codec import schema_versions; print("change-event schema versions:", sorted(schema_versions()))' \
     && mlflow-datahub --version \
     && rm -rf /src
 

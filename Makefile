@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 ORIGINAL := .cache/original-venv
+MLFLOW2 := .cache/mlflow2-venv
 
 .PHONY: demo test test-unit lint bench clean stack-down
 
@@ -19,11 +20,18 @@ $(ORIGINAL)/.installed:
 	$(ORIGINAL)/bin/pip install -q 'acryl-datahub[mlflow]==1.7.0.17' 'sqlalchemy<2.1'
 	touch $@
 
+# An MLflow 2.x server for the compatibility tests, in its own environment (2.x starts with gunicorn).
+$(MLFLOW2)/.installed:
+	$(PYTHON) -m venv $(MLFLOW2)
+	$(MLFLOW2)/bin/pip install -q --upgrade pip
+	$(MLFLOW2)/bin/pip install -q 'mlflow==2.20.3' 'sqlalchemy<2.1'
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/mlflow-datahub demo -c examples/local.yml
 
 # The whole suite: pure unit tests, then the integration tests on the real local stack.
-test: $(VENV)/.installed $(ORIGINAL)/.installed
+test: $(VENV)/.installed $(ORIGINAL)/.installed $(MLFLOW2)/.installed
 	$(VENV)/bin/ruff check connector tests bench
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration
 

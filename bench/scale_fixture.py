@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from connector.devstack.mlflow_server import MlflowServer  # noqa: E402  (the tests' server, and its free port)
+from connector.devstack.mlflow_server import MlflowServer  # noqa: E402  (the devstack's server, the tests' too)
 
 CACHE = REPO / ".cache" / "bench"
 FORMAT_VERSION = 1  # bump when the content below changes, so cached stores are rebuilt
@@ -114,9 +114,9 @@ class AccessLog:
 
 
 class BenchServer(MlflowServer):
-    """The tests' `mlflow server` (loopback, SQLite store), with unbuffered output so that the access
-    log can be followed as requests happen, and webhooks allowed to the connector's receiver on
-    loopback over plain HTTP (part d)."""
+    """The `mlflow server` of connector.devstack.mlflow_server (loopback, SQLite store; the tests' too),
+    with unbuffered output so that the access log can be followed as requests happen, and webhooks
+    allowed to the connector's receiver on loopback over plain HTTP (part d)."""
 
     def __init__(self, workdir: Path, db: Path | None = None, workers: int = 1) -> None:
         if db is not None and (workdir / "mlflow.db").exists():

@@ -67,9 +67,9 @@ def _startup(cfg_path: str) -> ConnectorConfig:
 
 
 def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds: float = 10.0) -> MlflowReader:
-    from connector.mlflow.reader import MlflowReader, MlflowUnavailable
+    from connector.mlflow.reader import MlflowReader, MlflowUnavailable, reader_settings
 
-    reader = MlflowReader(cfg.reader_settings(retry_for_seconds=check_seconds))
+    reader = MlflowReader(reader_settings(cfg, retry_for_seconds=check_seconds))
     try:
         reader.check()
     except MlflowUnavailable as e:
@@ -77,7 +77,7 @@ def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds
     except Exception as e:  # a URI MLflow cannot use at all
         raise CommandFailed(f"source.config.tracking_uri: MLflow at {reader.settings.tracking_uri} cannot be read: "
                       f"{str(e).splitlines()[0][:200]}") from None
-    reader.settings = cfg.reader_settings(retry_for_seconds=retry_for_seconds)
+    reader.settings = reader_settings(cfg, retry_for_seconds=retry_for_seconds)
     return reader
 
 

@@ -25,7 +25,6 @@ from connector.errors import ConfigError
 
 if TYPE_CHECKING:  # imported where used: the consumer needs no MLflow client, the producer no DataHub model
     from connector.datahub.mapping import MappingSettings
-    from connector.mlflow.reader import ReaderSettings
 
 log = logging.getLogger(__name__)
 
@@ -258,21 +257,6 @@ class ConnectorConfig(_Strict):
             materialize_dataset_inputs=c.materialize_dataset_inputs,
             source_mapping_to_platform={k.lower(): v for k, v in (c.source_mapping_to_platform or {}).items()},
             run_id=self.pipeline_name or "mlflow-datahub",
-        )
-
-    def reader_settings(self, retry_for_seconds: float | None = None) -> ReaderSettings:
-        from connector.mlflow.reader import ReaderSettings
-
-        c = self.mlflow
-        return ReaderSettings(
-            tracking_uri=c.resolved_tracking_uri(),
-            registry_uri=c.resolved_registry_uri(),
-            page_size=self.producer.page_size,
-            model_version_page_size=self.producer.model_version_page_size,
-            max_requests_per_second=self.producer.max_requests_per_second,
-            retry_for_seconds=retry_for_seconds,
-            username=c.username,
-            password=c.password.get_secret_value() if c.password else None,
         )
 
 

@@ -16,3 +16,9 @@ class ConfigError(OperatorError):
 
 class CommandFailed(OperatorError):
     """A command could not do its job for a reason outside the connector (an unreachable system, a refusal)."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error in one line for a log or a header: its message's first line (its type when it has none)."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]

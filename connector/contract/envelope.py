@@ -8,6 +8,7 @@ import json
 
 from connector import __version__
 from connector.contract.events import (
+    SNAPSHOT_MARKER_KEY,
     ChangeEvent,
     Entity,
     EntityKind,
@@ -15,7 +16,6 @@ from connector.contract.events import (
     SnapshotMarker,
     Source,
     entity_key,
-    snapshot_key,
 )
 from connector.redaction import without_credentials
 
@@ -54,5 +54,5 @@ def snapshot_marker(
     marker: SnapshotMarker = {
         "snapshot_id": snapshot_id, "partitions": partitions, "complete": complete, "entities": entities,
     }
-    return {"op": op, "kind": "SNAPSHOT", "key": snapshot_key(snapshot_id), "after": marker, "source": source,
+    return {"op": op, "kind": "SNAPSHOT", "key": SNAPSHOT_MARKER_KEY, "after": marker, "source": source,
             "ts_ms": ts_ms}

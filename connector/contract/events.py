@@ -188,12 +188,9 @@ def logged_model_key(model_id: str) -> str:
     return f"logged_model:{model_id}"
 
 
+# Every snapshot marker has this key, whatever its snapshot: compaction keeps only the latest marker
+# of each partition.
 SNAPSHOT_MARKER_KEY = "snapshot"
-
-
-def snapshot_key(snapshot_id: str) -> str:
-    """Every marker has the same key: compaction keeps only the latest marker of each partition."""
-    return SNAPSHOT_MARKER_KEY
 
 
 def entity_key(kind: EntityKind, entity: Entity) -> str:

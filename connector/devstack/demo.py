@@ -155,3 +155,13 @@ def live_change(tracking_uri: str) -> str:
     client.create_model_version("demo classifier", source=f"runs:/{run_id}/model", run_id=run_id,
                                 description="retrained")
     return run_id
+
+
+def registry_listing(tracking_uri: str) -> str:
+    """The registry as this process's MLflow client lists it, as JSON: {model name: [version, ...]}
+    (run by another MLflow version's Python, to compare with what the connector reads)."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    listing: dict[str, list[str]] = {m.name: [] for m in client.search_registered_models(max_results=1000)}
+    for version in client.search_model_versions(max_results=10000):
+        listing.setdefault(version.name, []).append(str(version.version))
+    return json.dumps({name: sorted(versions, key=int) for name, versions in sorted(listing.items())})

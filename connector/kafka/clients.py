@@ -107,3 +107,9 @@ class KafkaConnection:
 
     def schema_registry(self) -> SchemaRegistryClient:
         return SchemaRegistryClient(self.schema_registry_settings())
+
+
+def broker_probe(bootstrap: str, settings: Settings = None) -> AdminClient:
+    """An admin client for a health check of a broker that no configuration describes yet (the local
+    stack's own broker while it starts): quiet, short timeouts."""
+    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, "socket.timeout.ms": 5000, **(settings or {})})

@@ -24,7 +24,8 @@ from connector.mlflow.entities import (
     run_state,
     run_summary,
 )
-from connector.mlflow.reader import MlflowReader
+from connector.mlflow.reader import MlflowReader, MlflowUnavailable
+from connector.redaction import without_credentials
 
 log = logging.getLogger("connector.listing")
 
@@ -47,7 +48,51 @@ class RegistryIndex:
         return aliases_by_version(model).get(str(version.version), []) if model else []
 
 
+class UntrustedListing(MlflowUnavailable):
+    """MLflow's answers contradict each other: the listing is not taken as complete, nothing is deleted."""
+
+
+# A contradiction can be a race (a version registered between the search of models and the search of
+# versions); a server that filters one search and not the other answers the same way every time.
+REGISTRY_READ_ATTEMPTS = 3
+
+
+def registry_contradictions(index: RegistryIndex) -> str | None:
+    """Why the registry's two searches cannot both be complete, or None. Pure.
+
+    Versions of registered models that the model search did not return, or registered models whose
+    latest versions the version search did not return: an MLflow server that filtered one search and
+    not the other (as an MLflow 2.x server does with the MLflow 3 client's prompt filter)."""
+    listed_versions = {(v.name, str(v.version)) for v in index.versions}
+    orphans = sorted({v.name for v in index.versions if v.name not in index.models})
+    missing = sorted(f"{name} version {latest['version']}" for name, model in index.models.items()
+                     for latest in model["latest_versions"] if (name, latest["version"]) not in listed_versions)
+    reasons = []
+    if orphans:
+        reasons.append(f"model versions of {len(orphans)} registered models that the search of registered models "
+                       f"did not return (e.g. {orphans[0]!r})")
+    if missing:
+        reasons.append(f"{len(missing)} latest versions of registered models that the search of model versions "
+                       f"did not return (e.g. {missing[0]!r})")
+    return "; ".join(reasons) or None
+
+
 def read_registry(reader: MlflowReader) -> RegistryIndex:
+    """Registered models and versions, read until the two searches agree (a change between them is
+    read again); raises UntrustedListing when they keep contradicting each other."""
+    contradiction = None
+    for attempt in range(REGISTRY_READ_ATTEMPTS):
+        index = _read_registry_once(reader)
+        contradiction = registry_contradictions(index)
+        if contradiction is None:
+            return index
+        log.info("registry read %d of %d contradicts itself (%s); reading it again", attempt + 1,
+                 REGISTRY_READ_ATTEMPTS, contradiction)
+    raise UntrustedListing(f"MLflow at {without_credentials(reader.settings.registry_uri)} answered inconsistently "
+                           f"{REGISTRY_READ_ATTEMPTS} times: {contradiction}; the listing is not complete")
+
+
+def _read_registry_once(reader: MlflowReader) -> RegistryIndex:
     index = RegistryIndex()
     for page in reader.registered_models():
         for model in page:

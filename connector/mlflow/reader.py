@@ -17,13 +17,20 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from mlflow import MlflowClient
 from mlflow.entities import Experiment, LoggedModel, Run, ViewType
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException, RestException
+from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
+from mlflow.store.tracking.rest_store import RestStore as TrackingRestStore
+from mlflow.tracking._model_registry.utils import _get_store as registry_store_of
+from mlflow.tracking._tracking_service.utils import _get_store as tracking_store_of
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import MlflowHostCreds
 
-from connector.errors import OperatorError
+from connector.config import ConnectorConfig
+from connector.errors import OperatorError, first_line
 
 log = logging.getLogger("connector.mlflow_reader")
 
@@ -34,6 +41,7 @@ T = TypeVar("T")
 # Experiments per search: one search covers up to this many (MLflow takes the ids in one IN clause),
 # so an idle cycle costs the same number of requests whatever the store size, up to this many.
 RUNS_PER_EXPERIMENT_BATCH = 1000
+PROMPT_TAG = "mlflow.prompt.is_prompt"
 
 # MLflow's HTTP client retries each request itself (7 times with factor-2 backoff by default,
 # which hides an outage for minutes); keep its retries short and do the waiting here, with logs.
@@ -60,6 +68,21 @@ class ReaderSettings:
     retry_for_seconds: float | None = None  # None: retry until it answers
     username: str | None = field(default=None, repr=False)  # given to this reader's connections only
     password: str | None = field(default=None, repr=False)
+
+
+def reader_settings(cfg: ConnectorConfig, retry_for_seconds: float | None = None) -> ReaderSettings:
+    """The reader's settings from the configuration: where MLflow is, its credentials, paging, pacing."""
+    c = cfg.mlflow
+    return ReaderSettings(
+        tracking_uri=c.resolved_tracking_uri(),
+        registry_uri=c.resolved_registry_uri(),
+        page_size=cfg.producer.page_size,
+        model_version_page_size=cfg.producer.model_version_page_size,
+        max_requests_per_second=cfg.producer.max_requests_per_second,
+        retry_for_seconds=retry_for_seconds,
+        username=c.username,
+        password=c.password.get_secret_value() if c.password else None,
+    )
 
 
 class RateLimiter:
@@ -90,12 +113,55 @@ def _is_transient(error: Exception) -> bool:
     return isinstance(error, (ConnectionError, TimeoutError, OSError))
 
 
+def _same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+def host_credentials(uri: str, settings: ReaderSettings) -> MlflowHostCreds:
+    """MLflow's own credentials for `uri` (its MLFLOW_TRACKING_* environment, as every MLflow client),
+    with the configured username and password on top: given to this connection only, never exported
+    to the process environment, and to the registry only when it is on the tracking server's host."""
+    creds = get_default_host_creds(uri)
+    if settings.username and settings.password and _same_origin(uri, settings.tracking_uri):
+        creds.username, creds.password = settings.username, settings.password
+    return creds
+
+
+def stores(settings: ReaderSettings) -> tuple[Any, Any]:
+    """The tracking and registry stores the reader calls. Over HTTP they are MLflow's REST stores, made
+    here with this reader's credentials; other URIs (databricks, a local path) resolve as MLflow
+    resolves them. The reader calls the stores directly, not `MlflowClient`: the MLflow 3 client adds
+    a filter that excludes prompts (`tags.mlflow.prompt.is_prompt != 'true'`) to every registry
+    search, and an MLflow 2.x server, whose models carry no such tag, answers it with nothing."""
+    def is_http(uri: str) -> bool:
+        return urlsplit(uri).scheme in ("http", "https")
+
+    if is_http(settings.tracking_uri):
+        tracking = TrackingRestStore(lambda: host_credentials(settings.tracking_uri, settings))
+    else:
+        tracking = tracking_store_of(settings.tracking_uri)
+    if is_http(settings.registry_uri):
+        registry = RegistryRestStore(lambda: host_credentials(settings.registry_uri, settings))
+    else:
+        registry = registry_store_of(settings.registry_uri, settings.tracking_uri)
+    return tracking, registry
+
+
+def is_prompt(tags: Any) -> bool:
+    """A registry entry of MLflow's prompt registry (3.x keeps prompts in the model registry)."""
+    if isinstance(tags, dict):
+        return str(tags.get(PROMPT_TAG, "")).lower() == "true"
+    return any(getattr(t, "key", None) == PROMPT_TAG and str(t.value).lower() == "true" for t in tags or [])
+
+
 class MlflowReader:
     def __init__(self, settings: ReaderSettings) -> None:
         for name, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         self.settings = settings
-        self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+        self.tracking, self.registry = stores(settings)
+        self.prompt_names: set[str] = set()  # prompts met among registered models: their versions are left out too
         self.limiter = RateLimiter(settings.max_requests_per_second)
         self.requests = 0
         self.requests_by_call: Counter[str] = Counter()
@@ -125,7 +191,7 @@ class MlflowReader:
                 if limit is not None and waited >= limit:
                     raise MlflowUnavailable(
                         f"MLflow at {self.settings.tracking_uri} did not answer {what} for {waited:.0f} s: "
-                        f"{_short(e)}") from None
+                        f"{first_line(e, 200)}") from None
                 log.warning("MLflow at %s unreachable (%s: %s); retry %d in %.0f s", self.settings.tracking_uri, what,
                             _reason(e), attempt, delay)
                 time.sleep(delay)
@@ -156,11 +222,11 @@ class MlflowReader:
 
     def check(self) -> None:
         """One cheap request; raises MlflowUnavailable when MLflow does not answer."""
-        self.call("a reachability check", self.client.search_experiments, max_results=1)
+        self.call("a reachability check", self.tracking.search_experiments, max_results=1)
 
     def experiments(self) -> Iterator[list[Experiment]]:
         """Every experiment, deleted ones included, a page at a time."""
-        return self._pages("search_experiments", self.client.search_experiments,
+        return self._pages("search_experiments", self.tracking.search_experiments,
                            view_type=ViewType.ALL, max_results=self.settings.page_size)
 
     def runs(self, experiment_ids: Sequence[str], filter_string: str = "", order_by: list[str] | None = None,
@@ -169,7 +235,7 @@ class MlflowReader:
         ids = list(experiment_ids)
         for start in range(0, len(ids), RUNS_PER_EXPERIMENT_BATCH):
             yield from self._pages(
-                "search_runs", self.client.search_runs,
+                "search_runs", self.tracking.search_runs,
                 experiment_ids=ids[start:start + RUNS_PER_EXPERIMENT_BATCH], filter_string=filter_string,
                 run_view_type=ViewType.ALL, max_results=self.settings.page_size, order_by=order_by,
                 first_page=first_page, prefetch=prefetch,
@@ -186,9 +252,14 @@ class MlflowReader:
 
     def registered_models(self, filter_string: str | None = None, order_by: list[str] | None = None,
                           first_page: int | None = None) -> Iterator[list[RegisteredModel]]:
-        return self._pages("search_registered_models", self.client.search_registered_models,
-                           filter_string=filter_string, max_results=min(self.settings.page_size, 1000),
-                           order_by=order_by, first_page=first_page)
+        """Registered models, prompts left out (MLflow 3 keeps its prompt registry among them)."""
+        for page in self._pages("search_registered_models", self.registry.search_registered_models,
+                                filter_string=filter_string, max_results=min(self.settings.page_size, 1000),
+                                order_by=order_by, first_page=first_page):
+            for m in page:
+                if is_prompt(m.tags):
+                    self.prompt_names.add(m.name)
+            yield [m for m in page if m.name not in self.prompt_names]
 
     def logged_models(self, experiment_ids: Sequence[str], newest_first: bool = False,
                       first_page: int | None = None) -> Iterator[list[LoggedModel]]:
@@ -197,7 +268,7 @@ class MlflowReader:
         order = [{"field_name": "last_updated_timestamp", "ascending": False}] if newest_first else None
         for start in range(0, len(ids), RUNS_PER_EXPERIMENT_BATCH):
             try:
-                yield from self._pages("search_logged_models", self.client.search_logged_models,
+                yield from self._pages("search_logged_models", self.tracking.search_logged_models,
                                        experiment_ids=ids[start:start + RUNS_PER_EXPERIMENT_BATCH],
                                        max_results=min(self.settings.page_size, 100), order_by=order,
                                        first_page=first_page)
@@ -208,14 +279,12 @@ class MlflowReader:
 
     def model_versions(self, filter_string: str | None = None, order_by: list[str] | None = None,
                        first_page: int | None = None) -> Iterator[list[ModelVersion]]:
-        return self._pages("search_model_versions", self.client.search_model_versions,
-                           filter_string=filter_string, max_results=self.settings.model_version_page_size,
-                           order_by=order_by, first_page=first_page)
+        """Model versions, prompt versions left out."""
+        for page in self._pages("search_model_versions", self.registry.search_model_versions,
+                                filter_string=filter_string, max_results=self.settings.model_version_page_size,
+                                order_by=order_by, first_page=first_page):
+            yield [v for v in page if not is_prompt(v.tags) and v.name not in self.prompt_names]
 
-
-def _short(error: Exception) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:200]
 
 
 def _reason(error: Exception) -> str:
@@ -226,4 +295,4 @@ def _reason(error: Exception) -> str:
         if cause in text:
             return {"429": "HTTP 429 Too Many Requests", "500": "HTTP 500", "502": "HTTP 502", "503": "HTTP 503",
                     "504": "HTTP 504"}.get(cause, cause)
-    return _short(error)
+    return first_line(error, 200)

@@ -305,11 +305,13 @@ def install(cfg: ConnectorConfig) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from connector.mlflow.reader import reader_settings
+
     w = cfg.webhooks
     if w is None:
         raise ConfigError("webhooks: section missing (needs at least `secret`, or MLFLOW_DATAHUB_WEBHOOK_SECRET)")
     url, secret = w.resolved_url(), w.resolved_secret()
-    settings = cfg.reader_settings()
+    settings = reader_settings(cfg)
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
     try:
         same_name = []

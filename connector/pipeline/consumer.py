@@ -27,6 +27,7 @@ from connector.config import ConnectorConfig
 from connector.contract import codec
 from connector.datahub.decisions import Entry, PartitionState, Policy, decide
 from connector.datahub.oversize import fit_to_size
+from connector.errors import first_line
 from connector.kafka import state_store
 from connector.kafka.clients import KafkaConnection
 from connector.kafka.mcp_serde import McpSerializer, RegistryUnavailable
@@ -244,7 +245,7 @@ class ChangeConsumer:
                 text += (f" (consumer.max_message_bytes is {self.max_message_bytes}; the topic's "
                          "max.message.bytes must allow it)")
             return text
-        return f"{type(error).__name__}: {_short(error)}"
+        return f"{type(error).__name__}: {first_line(error)}"
 
     # -- one record ------------------------------------------------------------------------------
 
@@ -269,7 +270,7 @@ class ChangeConsumer:
                 raise
             # This event's MCPs cannot be written (too large even when truncated, or not
             # serialisable): it must not block the partition, and must not vanish either.
-            log.error("%s: its MCPs cannot be written (%s)", event["key"], _short(e))
+            log.error("%s: its MCPs cannot be written (%s)", event["key"], first_line(e))
             self._dead_letter(msg, e)
             stats.dead_letters += 1
             return
@@ -298,15 +299,11 @@ class ChangeConsumer:
 
     def _dead_letter(self, msg: Message, error: Exception) -> None:
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-        log.warning("malformed change event at %s (%s): sent to %s", where, _short(error), self.topics.dead_letter)
+        log.warning("malformed change event at %s (%s): sent to %s", where, first_line(error), self.topics.dead_letter)
         self.writer.produce(
             self.topics.dead_letter, msg.key(), msg.value(),
-            headers=[("error", _short(error).encode()), ("error.type", type(error).__name__.encode()),
+            headers=[("error", first_line(error).encode()), ("error.type", type(error).__name__.encode()),
                      ("source.topic", msg.topic().encode()), ("source.partition", str(msg.partition()).encode()),
                      ("source.offset", str(msg.offset()).encode())],
         )
 
-
-def _short(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]

@@ -213,7 +213,7 @@ class ChangeProducer:
             summary.complete = True
         except (MlflowUnavailable, InterruptedError) as e:
             summary.reason = str(e)
-            log.warning("snapshot %s interrupted: %s; nothing will be deleted for it", snapshot_id, e)
+            log.warning("snapshot %s incomplete: %s; nothing will be deleted for it", snapshot_id, e)
         deletes: list[tuple[ChangeEvent, int | None]] = []
         if summary.complete:
             deletes = self._deletes(seen, snapshot_id, summary)

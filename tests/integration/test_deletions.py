@@ -41,7 +41,7 @@ from connector.datahub.mapping import MappingSettings, experiment_urn, model_gro
 from connector.devstack.mlflow_server import MlflowServer, free_port
 from connector.kafka.topics import ensure_topics
 from connector.mlflow import entities as changes
-from connector.mlflow.reader import MlflowReader, ReaderSettings
+from connector.mlflow.reader import MlflowReader, ReaderSettings, reader_settings
 from connector.pipeline.consumer import ChangeConsumer
 from connector.pipeline.producer import ChangeProducer, SnapshotSummary
 from tests import mlflow_objects as mo
@@ -213,7 +213,7 @@ def snapshot_in_process(cfg: ConnectorConfig, name: str, reader: MlflowReader | 
     """A snapshot by the real producer, then a new consumer (state restored from the state topic)
     until it has committed the snapshot's END markers: what the `snapshot` command does."""
     ensure_topics(cfg)
-    producer = ChangeProducer(cfg, reader or MlflowReader(cfg.reader_settings(retry_for_seconds=60)))
+    producer = ChangeProducer(cfg, reader or MlflowReader(reader_settings(cfg, retry_for_seconds=60)))
     summary = producer.snapshot(stop)
     producer.close()
     consume_until(cfg, summary.end_offsets, name)
@@ -269,7 +269,7 @@ def test_interrupted_or_failed_listing_deletes_nothing(own_mlflow: MlflowServer,
     caplog.set_level(logging.INFO)
     dead = f"http://127.0.0.1:{free_port()}"
     readers = {
-        "interrupted": (MlflowReader(cfg.reader_settings()), StopAfter(3)),
+        "interrupted": (MlflowReader(reader_settings(cfg)), StopAfter(3)),
         "failed": (MlflowReader(ReaderSettings(dead, dead, retry_for_seconds=0)), None),
     }
     summaries = []

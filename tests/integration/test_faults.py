@@ -36,7 +36,7 @@ from connector.datahub.mapping import MappingSettings, experiment_urn, model_urn
 from connector.devstack import stack
 from connector.devstack.mlflow_server import MlflowServer, free_port
 from connector.kafka.topics import ensure_topics
-from connector.mlflow.reader import MlflowReader
+from connector.mlflow.reader import MlflowReader, reader_settings
 from connector.pipeline.consumer import ChangeConsumer
 from connector.pipeline.dump import read_mcps
 from connector.pipeline.producer import ChangeProducer
@@ -309,7 +309,7 @@ def test_schema_registry_unreachable(own_mlflow: MlflowServer, base: Entities, k
         _, cfg = make_config(own_mlflow.uri, {"kafka": {"schema_registry_url": proxied}})
         ensure_topics(cfg)
         topics = cfg.kafka.topics
-        producer = ChangeProducer(cfg, MlflowReader(cfg.reader_settings()))
+        producer = ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
         summary = producer.snapshot()
         producer.close()
         assert summary.complete

@@ -15,7 +15,7 @@ from connector.contract import codec
 from connector.contract.events import ChangeEvent
 from connector.devstack.mlflow_server import MlflowServer
 from connector.kafka.topics import ensure_topics
-from connector.mlflow.reader import MlflowReader
+from connector.mlflow.reader import MlflowReader, reader_settings
 from connector.pipeline.producer import ChangeProducer
 from tests.conftest import ConfigFactory, Kafka, read_to_end
 
@@ -46,7 +46,7 @@ def producer_and_topic(own_mlflow: MlflowServer, make_config: ConfigFactory, kaf
                        ) -> Iterator[tuple[ChangeProducer, Topic, ConnectorConfig]]:
     _, cfg = make_config(own_mlflow.uri, {"producer": {"watermark_overlap_seconds": 1}})
     ensure_topics(cfg)
-    producer = ChangeProducer(cfg, MlflowReader(cfg.reader_settings()))
+    producer = ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
     yield producer, Topic(kafka, cfg), cfg
     producer.close()
 
@@ -143,7 +143,7 @@ def test_restarted_producer_continues_without_republishing(client: MlflowClient,
     topic.new()
     producer.close()
 
-    again = ChangeProducer(cfg, MlflowReader(cfg.reader_settings()))
+    again = ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
     try:
         assert again.position.snapshot_seq == producer.position.snapshot_seq
         assert again.position.watermarks == producer.position.watermarks
@@ -192,7 +192,7 @@ def test_a_new_partition_count_stops_the_producer(own_mlflow: MlflowServer, prod
     for future in futures.values():
         future.result(30)
     with pytest.raises(ConfigError) as error:
-        ChangeProducer(cfg, MlflowReader(cfg.reader_settings()))
+        ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
     assert "has 4 partitions, but the connector wrote it with 3" in str(error.value)
 
 
@@ -217,7 +217,7 @@ def test_cycles_start_every_poll_interval_however_long_they_take(own_mlflow: Mlf
             finally:
                 durations.append(time.monotonic() - starts[-1])
 
-    producer = Timed(cfg, MlflowReader(cfg.reader_settings()))
+    producer = Timed(cfg, MlflowReader(reader_settings(cfg)))
     stop = threading.Event()
     thread = threading.Thread(target=producer.run, args=(stop,))
     thread.start()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from connector.devstack.mlflow_server import MlflowServer, free_port
+from connector.mlflow.listing import UntrustedListing, full_listing
 from connector.mlflow.reader import MlflowReader, MlflowUnavailable, ReaderSettings
 
 
@@ -25,6 +26,7 @@ class Proxy(http.server.ThreadingHTTPServer):
         self.arrivals: list[float] = []
         self.throttle_next = 0
         self.retry_after = "1"
+        self.answers: dict[str, bytes] = {}  # path fragment -> the body answered instead of MLflow's
         self.lock = threading.Lock()
 
     @property
@@ -55,6 +57,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                          headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
         with urllib.request.urlopen(request, timeout=30) as response:
             payload = response.read()
+            payload = next((b for fragment, b in self.server.answers.items() if fragment in self.path), payload)
             self.send_response(response.status)
             self.send_header("Content-Type", response.headers.get("Content-Type", "application/json"))
             self.send_header("Content-Length", str(len(payload)))
@@ -144,3 +147,22 @@ def test_prefetch_requests_the_next_page_while_the_caller_works(proxy: Proxy) ->
     # The second page was asked for at once, not after the caller's second.
     assert proxy.arrivals[1] - proxy.arrivals[0] < 0.6, proxy.arrivals
     assert len(proxy.arrivals) == 1 + (len(plain) - 1 + 1) // 2
+
+
+def test_a_registry_search_that_answers_nothing_makes_the_listing_untrusted(proxy: Proxy) -> None:
+    """An MLflow 2.x server answers the MLflow 3 client's prompt filter with nothing: registered models
+    missing while their versions are listed. The listing is not taken as complete."""
+    proxy.answers["registered-models/search"] = b"{}"
+    reader = MlflowReader(ReaderSettings(proxy.uri, proxy.uri, retry_for_seconds=5))
+    with pytest.raises(UntrustedListing) as e:
+        list(full_listing(reader))
+    assert "did not return (e.g. 'demo classifier')" in str(e.value)
+    assert "answered inconsistently 3 times" in str(e.value)
+
+
+def test_a_version_search_that_answers_nothing_makes_the_listing_untrusted(proxy: Proxy) -> None:
+    proxy.answers["model-versions/search"] = b"{}"
+    reader = MlflowReader(ReaderSettings(proxy.uri, proxy.uri, retry_for_seconds=5))
+    with pytest.raises(UntrustedListing, match="latest versions of registered models that the search of model "
+                                               "versions did not return"):
+        list(full_listing(reader))

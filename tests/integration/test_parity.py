@@ -35,6 +35,8 @@ from datahub.emitter.mcp_builder import ExperimentKey
 from datahub.metadata.urns import DatasetUrn
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
+from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
+from mlflow.utils.rest_utils import MlflowHostCreds
 
 from connector.devstack.mlflow_server import MlflowServer
 from tests.conftest import ConfigFactory, run_cli
@@ -127,11 +129,14 @@ def user_urn(user_id: str) -> str:
 
 def read_facts(tracking_uri: str, recipe: dict[str, Any]) -> Facts:
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # The registry through MLflow's REST store: the MLflow 3 client adds a prompt filter that an
+    # MLflow 2.x server answers with nothing.
+    registry = RegistryRestStore(lambda: MlflowHostCreds(tracking_uri))
     facts = Facts(tracking_uri, env=recipe.get("env", "PROD"), separator=recipe.get("model_name_separator", "_"),
                   base_external_url=recipe.get("base_external_url"))
     experiments = client.search_experiments(view_type=ViewType.ALL, max_results=1000)
     facts.deleted_experiments = {experiment_urn(e.name) for e in experiments if e.lifecycle_stage == "deleted"}
-    versions = client.search_model_versions(max_results=10000)
+    versions = registry.search_model_versions(max_results=10000)
     by_run: dict[str, list[str]] = defaultdict(list)
     for v in versions:
         urn = facts.model_urn(v.name, str(v.version))
@@ -145,7 +150,7 @@ def read_facts(tracking_uri: str, recipe: dict[str, Any]) -> Facts:
             start_time=r.info.start_time, end_time=r.info.end_time, tags=dict(r.data.tags),
             dataset_inputs=len(r.inputs.dataset_inputs), versions=tuple(by_run[r.info.run_id]),
         )
-    for model in client.search_registered_models(max_results=1000):
+    for model in registry.search_registered_models(max_results=1000):
         group = facts.group_urn(model.name)
         numbers = [int(v.version) for v in versions if v.name == model.name]
         facts.max_version[group] = str(max(numbers)) if numbers else None

@@ -25,7 +25,7 @@ from connector.devstack.mlflow_server import MlflowServer
 from connector.kafka.clients import KafkaConnection
 from connector.kafka.mcp_serde import McpDeserializer
 from connector.kafka.topics import WEEK_MS, admin, ensure_topics, hazards, specs
-from connector.mlflow.reader import MlflowReader
+from connector.mlflow.reader import MlflowReader, reader_settings
 from connector.pipeline.producer import ChangeProducer
 from connector.pipeline.replay import ReplayError, active_members, parse_timestamp
 from tests.conftest import REPO, ConfigFactory, Kafka, read_to_end, run_cli
@@ -186,7 +186,7 @@ def test_replay_from_timestamp_never_skips_unconsumed_events(own_mlflow: MlflowS
     them would leave them out of DataHub for good."""
     path, cfg = make_config(own_mlflow.uri)
     ensure_topics(cfg)
-    producer = ChangeProducer(cfg, MlflowReader(cfg.reader_settings()))
+    producer = ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
     published = producer.snapshot()
     producer.close()
     assert published.complete

@@ -11,6 +11,7 @@ from mlflow.entities import Metric
 from connector.contract import envelope, fitting
 from connector.contract.events import (
     RECORD_NAMES,
+    SNAPSHOT_MARKER_KEY,
     entity_key,
     experiment_key,
     kind_of_key,
@@ -18,7 +19,6 @@ from connector.contract.events import (
     model_version_of_key,
     registered_model_key,
     run_key,
-    snapshot_key,
 )
 from connector.mlflow import entities as changes
 from tests import mlflow_objects as mo
@@ -353,7 +353,7 @@ def test_entity_keys_and_kinds() -> None:
         (experiment_key("1"), "EXPERIMENT"),
         (run_key("r"), "RUN"),
         (registered_model_key("a/b"), "REGISTERED_MODEL"),
-        (snapshot_key("s"), "SNAPSHOT"),
+        (SNAPSHOT_MARKER_KEY, "SNAPSHOT"),
         ("logged_model:m-1", "LOGGED_MODEL"),
     ]:
         assert kind_of_key(key) == kind

@@ -1,0 +1,81 @@
+"""(c) `mlflow-datahub snapshot` with fresh topics, until its last MCP is acknowledged: wall time
+(median of --repeat-snapshot rounds), its start-up/producer/consumer split, the MLflow requests,
+the CPU of the command and of the MLflow server; --profile adds a cProfile of another snapshot."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+from bench.common import Bench, endpoint_counts, say
+from bench.processes import Child, Finished, connector_cli, log_time, tail
+from bench.scale_fixture import REPO
+
+
+def part_c(b: Bench) -> None:
+    say("(c) connector: `mlflow-datahub snapshot` with fresh topics, until the last MCP is acknowledged")
+    # Each round on topics of its own, like a first snapshot; the median round is reported (as (b)).
+    rounds: list[tuple[Child, Finished, float]] = []
+    for i in range(b.args.repeat_snapshot):
+        path, data = b.config(f"snapshot-{i + 1}")
+        cpu0 = b.server_cpu_seconds()
+        child = Child(connector_cli("snapshot", "-c", path), b.workdir / f"snapshot-{i + 1}")
+        fin = child.wait(b.args.timeout)
+        b.server.access.settle()  # type: ignore[union-attr]
+        server_cpu = b.server_cpu_seconds() - cpu0
+        if fin.rc != 0:
+            raise RuntimeError(f"snapshot failed ({fin.rc}):\n{tail(fin.stderr)}\n{tail(fin.stdout)}")
+        rounds.append((child, fin, server_cpu))
+    walls = [fin.wall for _, fin, _ in rounds]
+    child, fin, server_cpu = sorted(rounds, key=lambda r: r[1].wall)[len(rounds) // 2]
+    end = child.started + fin.wall
+    requests = b.requests(child.started, end + 0.5)
+    mcps = int(re.search(r"MCPs acknowledged on \S+: (\d+)", fin.stdout).group(1))  # type: ignore[union-attr]
+    events = int(re.search(r"events: (\d+)", fin.stdout).group(1))  # type: ignore[union-attr]
+    own = float(re.search(r"seconds: ([\d.]+)", fin.stdout).group(1))  # type: ignore[union-attr]
+    begun = log_time(fin.stderr, r"snapshot \S+ started")
+    published = log_time(fin.stderr, r"snapshot \S+ (complete|INCOMPLETE)")
+    split: dict[str, float] = {}
+    if begun and published:
+        split = {"startup": begun - child.started, "producer": published - begun, "consumer": end - published}
+    # Python start-up and imports alone, for scale.
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c",
+                    "import connector.cli, connector.pipeline.producer, connector.pipeline.consumer"],
+                   cwd=REPO, check=True)
+    imports = time.monotonic() - t0
+    figures = {"seconds": fin.wall, "rounds_seconds": walls, "own_seconds": own, "split": split, "mcps": mcps,
+               "events": events,
+               "requests": len(requests), "request_endpoints": endpoint_counts(requests),
+               "maxrss_mb": fin.maxrss_mb, "cpu_seconds": fin.cpu_seconds, "server_cpu_seconds": server_cpu,
+               "python_imports_seconds": imports}
+    b.record("c", figures)
+    say(f"    {fin.wall:.2f} s wall (median of {len(walls)}: {', '.join(f'{w:.2f}' for w in walls)}; "
+        f"{own:.1f} s by its own clock), {events} change events -> {mcps} MCPs, "
+        f"{len(requests)} MLflow requests, CPU {fin.cpu_seconds:.1f} s (MLflow's server meanwhile "
+        f"{server_cpu:.1f} s), peak RSS {fin.maxrss_mb:.0f} MB")
+    if split:
+        say(f"    split: start-up (python, imports, topics, transactions, restore) {split['startup']:.2f} s, "
+            f"producer (MLflow -> change topic) {split['producer']:.2f} s, "
+            f"consumer (change topic -> MCP topic, acknowledged) {split['consumer']:.2f} s")
+    say(f"    (python start + importing the connector alone: {imports:.2f} s)")
+    if b.args.profile:
+        profile_snapshot(b)
+
+
+def profile_snapshot(b: Bench) -> None:
+    import pstats
+
+    path, _ = b.config("snapshot-profile")
+    out = b.workdir / "snapshot.prof"
+    child = Child([sys.executable, "-m", "cProfile", "-o", out, "-m", "connector.cli", "snapshot", "-c", path],
+                  b.workdir / "snapshot-profile")
+    fin = child.wait(b.args.timeout * 3)
+    if fin.rc != 0:
+        raise RuntimeError(f"profiled snapshot failed:\n{tail(fin.stderr)}")
+    say(f"    cProfile of a second snapshot (main thread; {fin.wall:.1f} s under the profiler): {out}")
+    stats = pstats.Stats(str(out))
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(25)

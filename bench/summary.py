@@ -1,0 +1,84 @@
+"""The summary: each part's figures against the targets of issue 4."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from bench.common import Bench, say
+from bench.scale_fixture import CACHE
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a " if ok is None else ("MET " if ok else "MISS")
+
+
+def summary(b: Bench) -> None:
+    r = b.results
+    say()
+    say(f"== summary ({b.shape.name}: {b.shape.describe()})")
+    a, bb, c, d, e, f, g = (r.get(x) for x in "abcdefg")
+    if bb and c:
+        # Like for like: (c) is the wall time of a command, so the floor is taken as a command too
+        # (Python start and importing MLflow's client, which both pay); the in-process ratio is shown.
+        ratio = c["seconds"] / bb["process_wall_seconds"]
+        say(f"[{verdict(ratio <= 2)}] (c)/(b) = {c['seconds']:.2f} / {bb['process_wall_seconds']:.2f} s = "
+            f"{ratio:.1f}x, both as commands (target <= 2x); against the floor's reading alone, in-process "
+            f"({bb['seconds']:.2f} s): {c['seconds'] / bb['seconds']:.1f}x")
+    if a and c:
+        ratio = a["seconds"] / c["seconds"]
+        floor = ""
+        if bb:
+            floor = f"; the floor itself is {a['seconds'] / bb['process_wall_seconds']:.1f}x faster than (a)"
+            if bb.get("server_cpu_seconds"):
+                floor += (f", and MLflow's server alone needs {bb['server_cpu_seconds']:.2f} s of CPU to answer a "
+                          f"full read: (a) / that = {a['seconds'] / bb['server_cpu_seconds']:.1f}x, the most any "
+                          "client of this server can reach")
+        if c.get("server_cpu_seconds") is not None:
+            cores = os.cpu_count() or 1
+            budget = (c["cpu_seconds"] + c["server_cpu_seconds"]) / cores
+            floor += (f"; the snapshot's CPU, its own {c['cpu_seconds']:.1f} s and the server's "
+                      f"{c['server_cpu_seconds']:.1f} s, over {cores} cores takes at least {budget:.1f} s: "
+                      f"(a) / that = {a['seconds'] / budget:.1f}x")
+        say(f"[{verdict(ratio >= 25)}] (a)/(c) = {a['seconds']:.1f} / {c['seconds']:.2f} s = {ratio:.1f}x faster "
+            f"(target >= 25x{floor})")
+    if d:
+        poll = d["poll_interval"]
+        reg, run = d["registry"], d["run"]
+        ok = reg.get("p95") is not None and reg["p95"] < 2 and reg["arrived"] == reg["writes"]
+        say(f"[{verdict(ok)}] (d) registry change p95 {reg.get('p95', float('nan')):.2f} s ({reg['mode']}; "
+            f"target < 2 s)")
+        ok = run.get("p95") is not None and run["p95"] < poll + 1 and run["arrived"] == run["writes"]
+        say(f"[{verdict(ok)}] (d) new run p95 {run.get('p95', float('nan')):.2f} s (target < poll interval + 1 = "
+            f"{poll + 1:g} s)")
+    if e:
+        others = {}
+        for p in sorted(CACHE.glob("results-*.json")):
+            try:
+                other = json.loads(p.read_text()).get("results", {}).get("e")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if other and other.get("scale") != e["scale"] and \
+                    other.get("scale", "").startswith("quick") == e["scale"].startswith("quick"):
+                others[other["scale"]] = other["requests_per_cycle"]
+        others[e["scale"]] = e["requests_per_cycle"]
+        small, large = ("quick-x1", "quick-x10") if e["scale"].startswith("quick") else ("x1", "x10")
+        if small in others and large in others:
+            ok = others[large] <= max(others[small] * 1.1, others[small] + 1)
+            say(f"[{verdict(ok)}] (e) requests per idle cycle: {small} {others[small]:.1f}, {large} "
+                f"{others[large]:.1f} (target: the same)")
+        else:
+            say(f"[{verdict(None)}] (e) requests per idle cycle: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in sorted(others.items()))
+                + " (run the other scale too: results are kept in .cache/bench/)")
+    if f:
+        ratio = f["ratio_ours_vs_datahub_serialisation"]
+        say(f"[{verdict(ratio >= 1.5)}] (f) ours / DataHub serialisation = {ratio:.2f} (target >= 1.5); "
+            f"ours / DataHub incl. building = {f['ratio_ours_vs_datahub_build_and_serialise']:.2f}; "
+            f"re-snapshot (deduplicated) / DataHub incl. building = "
+            f"{f['ratio_resnapshot_vs_datahub_build_and_serialise']:.2f}")
+    if g:
+        worst = max(v for k, v in g.items() if k.endswith("_mb") and v)
+        ok = worst < 500 if g["scale"] == "x10" else None
+        say(f"[{verdict(ok)}] (g) peak RSS produce {g['produce_mb']:.0f} MB, consume {g['consume_mb']:.0f} MB "
+            f"at {g['scale']} (target < 500 MB at x10)")
