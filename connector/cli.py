@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from confluent_kafka import KafkaException
 from connector import __version__
 from connector.config import ConnectorConfig, load
 from connector.errors import CommandFailed, ConfigError, OperatorError
+from connector.redaction import RedactingFormatter, redact, remember_secrets
 
 if TYPE_CHECKING:
     from connector.mlflow.reader import MlflowReader
@@ -28,13 +30,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlflow-datahub")
 
+# Environment variables that hold secrets: masked in every line the command writes.
+SECRET_ENVIRONMENT = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_DATAHUB_WEBHOOK_SECRET",
+                      "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET")
+
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("httpx", "httpx2", "mlflow", "datahub", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # MLflow's HTTP retries: the connector says what it retries in its own line.
@@ -74,6 +78,8 @@ def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds
         reader.check()
     except MlflowUnavailable as e:
         raise CommandFailed(f"source.config.tracking_uri: {e}") from None
+    except OperatorError:
+        raise
     except Exception as e:  # a URI MLflow cannot use at all
         raise CommandFailed(f"source.config.tracking_uri: MLflow at {reader.settings.tracking_uri} cannot be read: "
                       f"{str(e).splitlines()[0][:200]}") from None
@@ -97,8 +103,14 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from connector.devstack import stack
 
     if args.action == "up":
-        endpoints = stack.up(progress=lambda line: print(line, file=sys.stderr))
+        endpoints = stack.up(progress=lambda line: print(line, file=sys.stderr), secure=args.secure)
         print("\n".join(endpoints.as_env_lines()))
+        if endpoints.secure is not None:  # the password stays in its file: its path is printed
+            print("\n".join(endpoints.secure.as_env_lines()))
+            print(f"secured Kafka: SASL_SSL on {endpoints.secure.sasl_ssl} (SCRAM-SHA-512 or PLAIN, CA "
+                  f"{endpoints.secure.ca_location}), SASL_PLAINTEXT on {endpoints.secure.sasl_plaintext}; user "
+                  f"{endpoints.secure.username}, password in {endpoints.secure.client_properties} (sasl.password); "
+                  "see docs/operations.md, Secured Kafka", file=sys.stderr)
     elif args.action == "down":
         stopped = stack.down()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -106,6 +118,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
         for s in stack.status():
             state = f"running (pid {s.pid})" if s.running else "stopped"
             print(f"{s.name:16} {state:20} {s.address:32} log: {s.log_file}")
+            if s.secure is not None:
+                print(f"{'':16} {'':20} {s.secure.sasl_plaintext:32} SASL_PLAINTEXT ({', '.join(s.secure.mechanisms)})")
+                print(f"{'':16} {'':20} {s.secure.sasl_ssl:32} SASL_SSL ({', '.join(s.secure.mechanisms)}), "
+                      f"CA {s.secure.ca_location}")
+                print(f"{'':16} {'':20} {'':32} user {s.secure.username}, password in {s.secure.client_properties}")
     return 0
 
 
@@ -313,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["up", "down", "status"],
                    help="up: start what is not running and print its addresses as KEY=VALUE lines; "
                         "down: stop what `up` started; status: what runs where")
+    s.add_argument("--secure", action="store_true",
+                   help="up: the broker also gets SASL_PLAINTEXT and SASL_SSL listeners (PLAIN, SCRAM-SHA-512) with "
+                        "a local CA; their addresses, the CA and the file with the dev credentials are printed")
     for name, fn, text in (
         ("run", cmd_run, "Producer and consumer together, until stopped."),
         ("produce", cmd_produce, "Publish MLflow changes to the change topic, until stopped."),
@@ -352,15 +372,23 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _setup_logging(args.verbose)
+    remember_secrets(os.environ.get(name) for name in SECRET_ENVIRONMENT)
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"mlflow-datahub: configuration error: {e}", file=sys.stderr)
+        _say(f"configuration error: {e}")
     except OperatorError as e:
-        print(f"mlflow-datahub: {e}", file=sys.stderr)
+        _say(str(e))
     except KafkaException as e:
-        print(f"mlflow-datahub: Kafka error: {e.args[0].str() if e.args else e}", file=sys.stderr)
+        _say(f"Kafka error: {e.args[0].str() if e.args else e}")
+    except Exception:  # a bug: its traceback, with any secret in it masked
+        print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
     return 1
+
+
+def _say(line: str) -> None:
+    """The command's last line: what stopped it, without secrets."""
+    print(redact(f"mlflow-datahub: {line}"), file=sys.stderr)
 
 
 def entry() -> NoReturn:

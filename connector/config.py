@@ -22,6 +22,7 @@ from datahub.configuration.source_common import ALL_ENV_TYPES
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from connector.errors import ConfigError
+from connector.redaction import remember_secrets, secret_values
 
 if TYPE_CHECKING:  # imported where used: the consumer needs no MLflow client, the producer no DataHub model
     from connector.datahub.mapping import MappingSettings
@@ -60,6 +61,9 @@ class MLflowSourceConfig(_Strict):
     source_mapping_to_platform: dict[str, str] | None = None
     username: str | None = None
     password: SecretStr | None = None
+    # Not in the original (which reads MLFLOW_TRACKING_TOKEN from the environment): a bearer token
+    # for MLflow servers behind token authentication, given to this connection only.
+    token: SecretStr | None = None
     stateful_ingestion: StatefulIngestion | None = None
 
     @field_validator("env", mode="after")
@@ -264,6 +268,10 @@ def _location(error: dict[str, Any]) -> str:
     return ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
 
 
+# Where a value may hold a secret, or a whole block of settings: the error names the field, never the value.
+_NEVER_ECHOED = ("password", "secret", "token", "sasl", "ssl", "auth", "_config", "connection", "credential", "key")
+
+
 def describe(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
@@ -272,16 +280,42 @@ def describe(error: ValidationError) -> str:
             lines.append(f"{where}: unknown field")
         elif e["type"] == "missing":
             lines.append(f"{where}: required field is missing")
-        elif isinstance(e.get("input"), (dict, list)) or "password" in where or "secret" in where:
+        elif isinstance(e.get("input"), (dict, list)) or any(word in where.lower() for word in _NEVER_ECHOED):
             lines.append(f"{where}: {e['msg']}")  # never echo a block or a secret back
         else:
             lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, with a key given twice in one mapping as an error (YAML keeps the last
+    silently: a duplicated `password:` or `tracking_uri:` would be a surprise)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in the same mapping")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and where, without the text of the line (it may hold a secret)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def parse(data: Any, origin: str = "configuration") -> ConnectorConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping with `source:` and `kafka:` sections")
+    remember_secrets(secret_values(data))  # masked in every line written from now on
     try:
         return ConnectorConfig.model_validate(data)
     except ValidationError as e:
@@ -291,9 +325,21 @@ def parse(data: Any, origin: str = "configuration") -> ConnectorConfig:
 def load(path: str | Path) -> ConnectorConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     return parse(data, str(path))

@@ -441,7 +441,10 @@ def model_version_mcps(version: ModelVersion, event: ChangeEvent, settings: Mapp
     mcps += [
         _mcp(urn, properties),
         _mcp(urn, version_properties),
-        _mcp(urn, GlobalTagsClass(tags=[TagAssociationClass(tag=stage_tag_urn(version["current_stage"]))])),
+        # FIX(no-stage): a registry without stages (Unity Catalog: `current_stage` None) gets no stage tag;
+        # the original fails on such a version.
+        _mcp(urn, GlobalTagsClass(tags=[TagAssociationClass(tag=stage_tag_urn(stage))
+                                        for stage in [version["current_stage"]] if stage])),
         _status(urn, False),
     ]
     return EntityMcps(urn, mcps)

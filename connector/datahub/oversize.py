@@ -80,6 +80,8 @@ def fit_to_size(
     original = {name: len(getattr(aspect, name)) for name in _collections(aspect)}
     value = serialize(fitted)
     size = len(value)
+    if size <= limit:
+        return fitted, value, f"{mcp.entityUrn}: aspect {mcp.aspectName} is {size} bytes, within the {limit}-byte limit"
     cut: list[str] = []
     while len(value) > limit:
         sizes = _collections(aspect)

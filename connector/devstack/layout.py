@@ -51,10 +51,18 @@ PORT_ENV: dict[str, int] = {
     "MLFLOW_DATAHUB_CONTROLLER_PORT": 19093,
     "MLFLOW_DATAHUB_REGISTRY_PORT": 18081,
     "MLFLOW_DATAHUB_MLFLOW_PORT": 15000,
+    # The broker's secured listeners (`stack up --secure`): SASL without and with TLS.
+    "MLFLOW_DATAHUB_KAFKA_SASL_PORT": 19094,
+    "MLFLOW_DATAHUB_KAFKA_SASL_SSL_PORT": 19095,
 }
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 LOG_FILES = {KAFKA: "kafka.log", REGISTRY: "registry.log", MLFLOW: "mlflow.log"}
+
+# The secured listeners: their names are their security protocols.
+SASL_PLAINTEXT = "SASL_PLAINTEXT"
+SASL_SSL = "SASL_SSL"
+SASL_MECHANISMS: tuple[str, ...] = ("PLAIN", "SCRAM-SHA-512")
 
 # Popen objects of the services this process started, so that they are reaped (no zombies) and
 # Python does not warn about them being garbage collected while still running.
@@ -66,10 +74,44 @@ class StackError(OperatorError):
 
 
 @dataclass(frozen=True)
+class SecureListeners:
+    """How to reach the broker's secured listeners (`stack up --secure`). The password is not here: it
+    is in `client_properties` (librdkafka's `key=value` format, SASL_SSL with SCRAM-SHA-512), read
+    from there by whoever needs it, so that it is never printed."""
+
+    sasl_plaintext: str  # host:port, SASL without TLS
+    sasl_ssl: str  # host:port, SASL over TLS (the broker's certificate is signed by ca_location)
+    mechanisms: tuple[str, ...]
+    username: str
+    ca_location: Path  # PEM of the local CA, for librdkafka's ssl.ca.location
+    client_properties: Path
+
+    def as_env_lines(self) -> list[str]:
+        return [
+            f"KAFKA_SASL_SSL_BOOTSTRAP_SERVERS={self.sasl_ssl}",
+            f"KAFKA_SASL_PLAINTEXT_BOOTSTRAP_SERVERS={self.sasl_plaintext}",
+            f"KAFKA_SASL_MECHANISMS={','.join(self.mechanisms)}",
+            f"KAFKA_SASL_USERNAME={self.username}",
+            f"KAFKA_SSL_CA_LOCATION={self.ca_location}",
+            f"KAFKA_CLIENT_PROPERTIES={self.client_properties}",
+        ]
+
+    def client_settings(self) -> dict[str, str]:
+        """librdkafka settings of the SASL_SSL listener with SCRAM-SHA-512, password included (for tests)."""
+        settings: dict[str, str] = {}
+        for line in self.client_properties.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.lstrip().startswith("#"):
+                settings[key.strip()] = value.strip()
+        return settings
+
+
+@dataclass(frozen=True)
 class Endpoints:
     kafka_bootstrap_servers: str
     schema_registry_url: str
     mlflow_tracking_uri: str
+    secure: SecureListeners | None = None  # when the broker runs with its secured listeners
 
     def as_env_lines(self) -> list[str]:
         return [
@@ -86,6 +128,7 @@ class ServiceStatus:
     pid: int | None
     address: str
     log_file: Path
+    secure: SecureListeners | None = None  # the broker's secured listeners, when it runs with them
 
 
 def log_progress(message: str) -> None:
@@ -120,6 +163,8 @@ class Layout:
     controller_port: int
     registry_port: int
     mlflow_port: int
+    sasl_port: int = PORT_ENV["MLFLOW_DATAHUB_KAFKA_SASL_PORT"]
+    sasl_ssl_port: int = PORT_ENV["MLFLOW_DATAHUB_KAFKA_SASL_SSL_PORT"]
 
     def service_dir(self, name: str) -> Path:
         return self.root / name
@@ -133,19 +178,29 @@ class Layout:
     def launch_file(self, name: str) -> Path:
         return self.service_dir(name) / "launch.json"
 
-    def ports(self, name: str) -> list[tuple[int, str]]:
-        """(port, env var to change it) pairs a service binds."""
+    def ports(self, name: str, secure: bool = False) -> list[tuple[int, str]]:
+        """(port, env var to change it) pairs a service binds (the broker's secured listeners with `secure`)."""
         if name == KAFKA:
             return [
                 (self.kafka_port, "MLFLOW_DATAHUB_KAFKA_PORT"),
                 (self.controller_port, "MLFLOW_DATAHUB_CONTROLLER_PORT"),
-            ]
+            ] + ([(self.sasl_port, "MLFLOW_DATAHUB_KAFKA_SASL_PORT"),
+                  (self.sasl_ssl_port, "MLFLOW_DATAHUB_KAFKA_SASL_SSL_PORT")] if secure else [])
         if name == REGISTRY:
             return [(self.registry_port, "MLFLOW_DATAHUB_REGISTRY_PORT")]
         return [(self.mlflow_port, "MLFLOW_DATAHUB_MLFLOW_PORT")]
 
     def address(self, name: str) -> str:
         return f"{HOST}:{self.ports(name)[0][0]}"
+
+    def secure_listeners(self) -> dict[str, str]:
+        """Security protocol -> host:port of the broker's secured listeners."""
+        return {SASL_PLAINTEXT: f"{HOST}:{self.sasl_port}", SASL_SSL: f"{HOST}:{self.sasl_ssl_port}"}
+
+    @property
+    def secure_dir(self) -> Path:
+        """The secured broker's files: the local CA, the broker's keystore, the dev credentials."""
+        return self.service_dir(KAFKA) / "secure"
 
     @property
     def kafka_home(self) -> Path:
@@ -182,6 +237,8 @@ def resolve_layout(root: Path | None) -> Layout:
         controller_port=ports["MLFLOW_DATAHUB_CONTROLLER_PORT"],
         registry_port=ports["MLFLOW_DATAHUB_REGISTRY_PORT"],
         mlflow_port=ports["MLFLOW_DATAHUB_MLFLOW_PORT"],
+        sasl_port=ports["MLFLOW_DATAHUB_KAFKA_SASL_PORT"],
+        sasl_ssl_port=ports["MLFLOW_DATAHUB_KAFKA_SASL_SSL_PORT"],
     )
     if len(set(ports.values())) != len(ports):
         raise StackError(f"the stack ports must all differ, got {sorted(ports.items())}")

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from connector.devstack.layout import HOST, STOP_TIMEOUT_S, Layout, StackError, children
@@ -28,20 +28,31 @@ class Record:
     pid: int
     argv: list[str]
     address: str
+    # The broker's secured listeners it was started with (security protocol -> host:port); empty if none.
+    listeners: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def secure(self) -> bool:
+        return bool(self.listeners)
 
 
 def _read_record(layout: Layout, name: str) -> Record | None:
     try:
         pid = int(layout.pid_file(name).read_text().strip())
         launch = json.loads(layout.launch_file(name).read_text())
-        return Record(pid=pid, argv=[str(a) for a in launch["argv"]], address=str(launch["address"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        listeners = {str(k): str(v) for k, v in (launch.get("listeners") or {}).items()}
+        return Record(pid=pid, argv=[str(a) for a in launch["argv"]], address=str(launch["address"]),
+                      listeners=listeners)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file by renaming a complete temporary one over it (`mode`: 0o600 for one that holds secrets)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as handle:
+        handle.write(text)
     os.replace(tmp, path)
 
 
@@ -148,8 +159,8 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def check_ports_free(layout: Layout, name: str) -> None:
-    for port, env_var in layout.ports(name):
+def check_ports_free(layout: Layout, name: str, secure: bool = False) -> None:
+    for port, env_var in layout.ports(name, secure):
         if _port_in_use(port):
             raise StackError(f"port {port} ({name}) is in use by another process; stop it or set {env_var}")
 

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from connector.devstack import secure as secured
 from connector.devstack.installs import check_java, install_apicurio, install_kafka, tail
 from connector.devstack.layout import (
     CCOMPAT_PATH,
@@ -31,6 +32,7 @@ from connector.devstack.layout import (
     SERVICES,
     Endpoints,
     Layout,
+    SecureListeners,
     ServiceStatus,
     StackError,
     children,
@@ -55,16 +57,22 @@ from connector.devstack.processes import (
 log = logging.getLogger("connector.stack")
 
 
-def _kafka_properties(layout: Layout, data_dir: Path) -> str:
+def _kafka_properties(layout: Layout, data_dir: Path, secure: tuple[dict[str, str], dict[str, str]] | None = None
+                      ) -> str:
+    """The broker's properties; `secure` = (secured listeners, their properties) adds SASL_PLAINTEXT and
+    SASL_SSL listeners (see connector/devstack/secure.py); the PLAINTEXT listener stays as it is."""
+    listeners, secure_properties = secure or ({}, {})
+    extra = "".join(f",{protocol}://{address}" for protocol, address in listeners.items())
+    mapping = "".join(f",{protocol}:{protocol}" for protocol in listeners)
     lines = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.bootstrap.servers": f"{HOST}:{layout.controller_port}",
-        "listeners": f"PLAINTEXT://{HOST}:{layout.kafka_port},CONTROLLER://{HOST}:{layout.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{layout.kafka_port}",
+        "listeners": f"PLAINTEXT://{HOST}:{layout.kafka_port},CONTROLLER://{HOST}:{layout.controller_port}{extra}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{layout.kafka_port}{extra}",
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": f"PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{mapping}",
         "log.dirs": str(data_dir),
         "num.partitions": "1",
         "offsets.topic.replication.factor": "1",
@@ -75,6 +83,7 @@ def _kafka_properties(layout: Layout, data_dir: Path) -> str:
         "share.coordinator.state.topic.replication.factor": "1",
         "share.coordinator.state.topic.min.isr": "1",
         "group.initial.rebalance.delay.ms": "0",
+        **secure_properties,
     }
     body = "\n".join(f"{key}={value}" for key, value in lines.items())
     return f"# Written by connector/stack.py on every start; edits are overwritten.\n{body}\n"
@@ -100,12 +109,19 @@ def _java_cmd(java: str, layout: Layout, *args: str) -> list[str]:
     ]
 
 
-def _prepare_kafka(layout: Layout, java: str, progress: Callable[[str], None]) -> None:
-    """Write the configuration and format the storage once (atomically: format, then rename)."""
+def _prepare_kafka(layout: Layout, java: str, progress: Callable[[str], None], secure: bool) -> dict[str, str]:
+    """Write the configuration and format the storage once (atomically: format, then rename). Returns
+    the secured listeners (protocol -> host:port) the broker will have, none unless `secure`."""
     kdir = layout.service_dir(KAFKA)
     data = kdir / "data"
+    secure_setup = secured.prepare(layout, java, progress) if secure else None
     write_atomic(kdir / "log4j2.properties", LOG4J2_PROPERTIES)
-    write_atomic(kdir / "server.properties", _kafka_properties(layout, data))
+    properties = _kafka_properties(layout, data, secure_setup)
+    # The secured broker's properties hold the keystore and PLAIN passwords (dev credentials, still).
+    write_atomic(kdir / "server.properties", properties, 0o600)
+    listeners = secure_setup[0] if secure_setup else {}
+    if (data / "meta.properties").is_file():
+        return listeners
     if (data / "meta.properties").is_file():
         return
     progress(f"formatting Kafka storage in {data} ...")
@@ -136,16 +152,19 @@ def _prepare_kafka(layout: Layout, java: str, progress: Callable[[str], None]) -
             + tail(layout.log_file(KAFKA))
         )
     os.rename(staging, data)
+    return listeners
 
 
-def _launch(layout: Layout, name: str, java: str | None, progress: Callable[[str], None]) -> Launch:
+def _launch(layout: Layout, name: str, java: str | None, progress: Callable[[str], None],
+            secure: bool = False) -> tuple[Launch, dict[str, str]]:
+    """The command line of a service (and, for the broker, its secured listeners)."""
     sdir = layout.service_dir(name)
     env = dict(os.environ)
     if name == KAFKA:
         assert java is not None
-        _prepare_kafka(layout, java, progress)
+        listeners = _prepare_kafka(layout, java, progress, secure)
         argv = _java_cmd(java, layout, "kafka.Kafka", str(sdir / "server.properties"))
-        return Launch(argv=argv, cwd=sdir, env=env)
+        return Launch(argv=argv, cwd=sdir, env=env), listeners
     if name == REGISTRY:
         assert java is not None
         db = sdir / "data" / "registry"
@@ -164,7 +183,7 @@ def _launch(layout: Layout, name: str, java: str | None, progress: Callable[[str
             "-jar",
             str(layout.apicurio_jar),
         ]
-        return Launch(argv=argv, cwd=sdir, env=env)
+        return Launch(argv=argv, cwd=sdir, env=env), {}
     # The job runner (huey consumers, one process per queue) is not needed and is heavy.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     mdir = sdir
@@ -184,13 +203,14 @@ def _launch(layout: Layout, name: str, java: str | None, progress: Callable[[str
         "--workers",
         "1",
     ]
-    return Launch(argv=argv, cwd=sdir, env=env)
+    return Launch(argv=argv, cwd=sdir, env=env), {}
 
 
-def _start(layout: Layout, name: str, java: str | None, progress: Callable[[str], None]) -> Record:
+def _start(layout: Layout, name: str, java: str | None, progress: Callable[[str], None],
+           secure: bool = False) -> Record:
     sdir = layout.service_dir(name)
     sdir.mkdir(parents=True, exist_ok=True)
-    launch = _launch(layout, name, java, progress)
+    launch, listeners = _launch(layout, name, java, progress, secure)
     address = layout.address(name)
     with open(layout.log_file(name), "ab") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name} on {address} ====\n".encode())
@@ -206,9 +226,10 @@ def _start(layout: Layout, name: str, java: str | None, progress: Callable[[str]
             close_fds=True,
         )
     children[proc.pid] = proc
-    write_atomic(layout.launch_file(name), json.dumps({"argv": launch.argv, "address": address}, indent=1))
+    launched = {"argv": launch.argv, "address": address, **({"listeners": listeners} if listeners else {})}
+    write_atomic(layout.launch_file(name), json.dumps(launched, indent=1))
     write_atomic(layout.pid_file(name), f"{proc.pid}\n")
-    return Record(pid=proc.pid, argv=launch.argv, address=address)
+    return Record(pid=proc.pid, argv=launch.argv, address=address, listeners=listeners)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +282,8 @@ def _wait_ready(layout: Layout, name: str, record: Record, timeout: float) -> No
             )
         try:
             _probe(name, record.address)
+            if record.secure:  # the SCRAM user, then both secured listeners answering
+                secured.after_start(layout, record.address, record.listeners, deadline)
             return
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
             last_error = str(exc) or type(exc).__name__
@@ -279,13 +302,21 @@ def _wait_ready(layout: Layout, name: str, record: Record, timeout: float) -> No
 # orchestration
 
 
-def _bring_up(layout: Layout, names: tuple[str, ...], progress: Callable[[str], None]) -> dict[str, Record]:
-    """Start what is not running among names (in parallel) and wait until all of them answer."""
+def _bring_up(layout: Layout, names: tuple[str, ...], progress: Callable[[str], None],
+              secure: bool = False) -> dict[str, Record]:
+    """Start what is not running among names (in parallel) and wait until all of them answer.
+
+    `secure` gives the broker its secured listeners (a running broker without them is restarted on the
+    same data); without it a broker is started without them, but a running one is kept as it is."""
     layout.root.mkdir(parents=True, exist_ok=True)
     running: dict[str, Record] = {}
     to_start: list[str] = []
     for name in names:
         record = running_record(layout, name)
+        if record is not None and name == KAFKA and secure and not record.secure:
+            progress(f"restarting {name} with its secured listeners (SASL_PLAINTEXT, SASL_SSL) ...")
+            stop_service(layout, name)
+            record = None
         if record is not None:
             running[name] = record
             if record.address != layout.address(name):
@@ -298,7 +329,7 @@ def _bring_up(layout: Layout, names: tuple[str, ...], progress: Callable[[str], 
             to_start.append(name)
     java = check_java() if any(n in (KAFKA, REGISTRY) for n in to_start) else None
     for name in to_start:
-        check_ports_free(layout, name)
+        check_ports_free(layout, name, secure and name == KAFKA)
     if KAFKA in to_start:
         install_kafka(layout, progress)
     if REGISTRY in to_start:
@@ -309,18 +340,19 @@ def _bring_up(layout: Layout, names: tuple[str, ...], progress: Callable[[str], 
     try:
         for name in to_start:
             progress(f"starting {name} on {layout.address(name)} ...")
-            started[name] = _start(layout, name, java, progress)
+            started[name] = _start(layout, name, java, progress, secure and name == KAFKA)
         for name in names:
             record = started.get(name) or running[name]
             began = time.monotonic()
             _wait_ready(layout, name, record, timeout)
+            secured_too = "".join(f", {p} on {a}" for p, a in record.listeners.items())
             if name in started:
                 progress(
-                    f"{name} running on {record.address} (pid {record.pid}, "
+                    f"{name} running on {record.address}{secured_too} (pid {record.pid}, "
                     f"ready after {time.monotonic() - began:.1f} s)"
                 )
             else:
-                progress(f"{name} already running on {record.address} (pid {record.pid})")
+                progress(f"{name} already running on {record.address}{secured_too} (pid {record.pid})")
     except BaseException:
         # Do not leave half a start behind: stop what this call started.
         for name in started:
@@ -329,16 +361,33 @@ def _bring_up(layout: Layout, names: tuple[str, ...], progress: Callable[[str], 
     return {**running, **started}
 
 
-def up(root: Path | None = None, progress: Callable[[str], None] = log_progress) -> Endpoints:
-    """Install what is missing, start what is not running, wait until everything answers."""
+def up(root: Path | None = None, progress: Callable[[str], None] = log_progress, secure: bool = False
+       ) -> Endpoints:
+    """Install what is missing, start what is not running, wait until everything answers. With
+    `secure` the broker also has its SASL_PLAINTEXT and SASL_SSL listeners (`Endpoints.secure`)."""
     layout = resolve_layout(root)
     with root_lock(layout, progress):
-        records = _bring_up(layout, SERVICES, progress)
+        records = _bring_up(layout, SERVICES, progress, secure)
     return Endpoints(
         kafka_bootstrap_servers=records[KAFKA].address,
         schema_registry_url=f"http://{records[REGISTRY].address}{CCOMPAT_PATH}",
         mlflow_tracking_uri=f"http://{records[MLFLOW].address}",
+        secure=_secure_listeners(layout, records[KAFKA]),
     )
+
+
+def kafka_up(root: Path | None = None, progress: Callable[[str], None] = log_progress, secure: bool = False
+             ) -> tuple[str, SecureListeners | None]:
+    """The broker alone (tests that need no registry or MLflow of the stack's): its PLAINTEXT address
+    and, with `secure`, its secured listeners."""
+    layout = resolve_layout(root)
+    with root_lock(layout, progress):
+        record = _bring_up(layout, (KAFKA,), progress, secure)[KAFKA]
+    return record.address, _secure_listeners(layout, record)
+
+
+def _secure_listeners(layout: Layout, record: Record | None) -> SecureListeners | None:
+    return secured.listeners_of(layout, record.listeners) if record is not None and record.secure else None
 
 
 def down(root: Path | None = None) -> list[str]:
@@ -366,6 +415,7 @@ def status(root: Path | None = None) -> list[ServiceStatus]:
                 pid=record.pid if record else None,
                 address=record.address if record else layout.address(name),
                 log_file=layout.log_file(name),
+                secure=_secure_listeners(layout, record),
             )
         )
     return result
@@ -374,10 +424,12 @@ def status(root: Path | None = None) -> list[ServiceStatus]:
 def _restart_one(root: Path | None, name: str, stop: bool, start: bool) -> None:
     layout = resolve_layout(root)
     with root_lock(layout):
+        record = running_record(layout, name)
+        secure = record is not None and record.secure  # a restarted broker keeps its secured listeners
         if stop and stop_service(layout, name):
             log.info("%s stopped", name)
         if start:
-            _bring_up(layout, (name,), log_progress)
+            _bring_up(layout, (name,), log_progress, secure)
 
 
 def kafka_restart(root: Path | None = None) -> None:

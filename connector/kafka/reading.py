@@ -51,8 +51,9 @@ def watermarks(reader: Consumer, partition: TopicPartition, deadline: float) -> 
 
 
 def partitions_of(reader: Consumer, topic: str, timeout: float = 30.0) -> list[int]:
+    """The topic's partitions; none for a topic that does not exist (yet)."""
     meta = reader.list_topics(topic, timeout=timeout).topics[topic]
-    if meta.error is not None:
+    if meta.error is not None and meta.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
         raise KafkaException(meta.error)
     return sorted(meta.partitions)
 

@@ -113,7 +113,8 @@ def ensure_topics(cfg: ConnectorConfig, timeout: float = 15.0) -> dict[str, int]
 def hazards(role: str, name: str, config: dict[str, str]) -> list[str]:
     """What in a topic's settings breaks replay (role "changes") or the consumer's and producer's
     memory (roles "state" and "producer_offsets"). Pure: settings in, one sentence per hazard out."""
-    policy = {p.strip() for p in config.get("cleanup.policy", "delete").split(",")}
+    config = {"cleanup.policy": "delete", **config}  # the broker's default where the topic sets none
+    policy = {p.strip() for p in config["cleanup.policy"].split(",")}
     retention = config.get("retention.ms", "604800000")
     out = []
     if role == "changes":

@@ -102,6 +102,13 @@ def run_summary(run: Run) -> RunSummary:
     return {"run_id": run["run_id"], "params": run["params"], "metrics": run["metrics"]}
 
 
+def stage_of(version: MlflowModelVersion) -> str:
+    """The version's stage as the contract carries it: MLflow's stage name ("None" when an MLflow
+    registry says the version has no stage), or "" when the registry has no stages at all (a Unity
+    Catalog registry answers `current_stage` None)."""
+    return version.current_stage if version.current_stage is not None else ""
+
+
 def registered_model_state(model: MlflowRegisteredModel) -> RegisteredModel:
     aliases = model.aliases or {}
     return {
@@ -112,7 +119,7 @@ def registered_model_state(model: MlflowRegisteredModel) -> RegisteredModel:
         "tags": _tags(model.tags),
         "aliases": [{"alias": a, "version": str(v)} for a, v in sorted(aliases.items())],
         "latest_versions": [
-            {"version": str(v.version), "stage": v.current_stage} for v in (model.latest_versions or [])
+            {"version": str(v.version), "stage": stage_of(v)} for v in (model.latest_versions or [])
         ],
     }
 
@@ -129,7 +136,7 @@ def model_version_state(
         "last_updated_timestamp": version.last_updated_timestamp,
         "description": version.description,
         "user_id": _none_if_empty(version.user_id),
-        "current_stage": version.current_stage or "None",
+        "current_stage": stage_of(version),
         "source": _none_if_empty(version.source),
         "run_id": _none_if_empty(version.run_id),
         "status": _none_if_empty(version.status),

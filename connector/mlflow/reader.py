@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from mlflow.entities import Experiment, LoggedModel, Run, ViewType
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
-from mlflow.exceptions import MlflowException, RestException
+from mlflow.exceptions import MlflowException
 from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
 from mlflow.store.tracking.rest_store import RestStore as TrackingRestStore
 from mlflow.tracking._model_registry.utils import _get_store as registry_store_of
@@ -68,6 +68,7 @@ class ReaderSettings:
     retry_for_seconds: float | None = None  # None: retry until it answers
     username: str | None = field(default=None, repr=False)  # given to this reader's connections only
     password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer`
 
 
 def reader_settings(cfg: ConnectorConfig, retry_for_seconds: float | None = None) -> ReaderSettings:
@@ -82,6 +83,7 @@ def reader_settings(cfg: ConnectorConfig, retry_for_seconds: float | None = None
         retry_for_seconds=retry_for_seconds,
         username=c.username,
         password=c.password.get_secret_value() if c.password else None,
+        token=c.token.get_secret_value() if c.token else None,
     )
 
 
@@ -104,12 +106,20 @@ class RateLimiter:
             time.sleep(delay)
 
 
+class AuthenticationFailed(OperatorError):
+    """MLflow refused the reader's credentials (HTTP 401) or access (HTTP 403): retrying cannot help."""
+
+
+def http_status(error: Exception) -> int | None:
+    """The HTTP status behind an MLflow client error: MLflow maps every answer's status to an error code
+    and back (a request that got no answer at all is an INTERNAL_ERROR, 500)."""
+    return error.get_http_status_code() if isinstance(error, MlflowException) else None
+
+
 def _is_transient(error: Exception) -> bool:
-    if isinstance(error, RestException):
-        return error.get_http_status_code() >= 500 or error.get_http_status_code() == 429
-    if isinstance(error, MlflowException):
-        text = str(error)
-        return any(s in text for s in ("Max retries exceeded", "Connection", "timed out", "429", "50"))
+    status = http_status(error)
+    if status is not None:
+        return status >= 500 or status == 429
     return isinstance(error, (ConnectionError, TimeoutError, OSError))
 
 
@@ -120,11 +130,15 @@ def _same_origin(a: str, b: str) -> bool:
 
 def host_credentials(uri: str, settings: ReaderSettings) -> MlflowHostCreds:
     """MLflow's own credentials for `uri` (its MLFLOW_TRACKING_* environment, as every MLflow client),
-    with the configured username and password on top: given to this connection only, never exported
-    to the process environment, and to the registry only when it is on the tracking server's host."""
+    with the configured username and password (basic auth) or token (bearer) on top: given to this
+    connection only, never exported to the process environment, and to the registry only when it is
+    on the tracking server's host (scheme, host and port)."""
     creds = get_default_host_creds(uri)
-    if settings.username and settings.password and _same_origin(uri, settings.tracking_uri):
-        creds.username, creds.password = settings.username, settings.password
+    if _same_origin(uri, settings.tracking_uri):
+        if settings.username and settings.password:
+            creds.username, creds.password = settings.username, settings.password
+        if settings.token:
+            creds.token = settings.token
     return creds
 
 
@@ -183,6 +197,8 @@ class MlflowReader:
                     log.info("MLflow answers again (%s) after %.0f s", what, time.monotonic() - started)
                 return result
             except Exception as e:
+                if http_status(e) in (401, 403):
+                    raise self._refused(what, http_status(e)) from None  # type: ignore[arg-type]
                 if not _is_transient(e):
                     raise
                 attempt += 1
@@ -196,6 +212,16 @@ class MlflowReader:
                             _reason(e), attempt, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
+
+    def _refused(self, what: str, status: int) -> AuthenticationFailed:
+        s = self.settings
+        given = ("username and password" if s.username else "token" if s.token else
+                 "no credentials (source.config.username and password, or token)")
+        if status == 401:
+            return AuthenticationFailed(f"MLflow at {s.tracking_uri} refused the credentials ({what}: HTTP 401 "
+                                        f"Unauthorized; the configuration gives {given})")
+        return AuthenticationFailed(f"MLflow at {s.tracking_uri} refused access ({what}: HTTP 403 Forbidden): the "
+                                    "user needs READ permission on every experiment and registered model")
 
     def _pages(self, what: str, search: Callable[..., Any], max_results: int, first_page: int | None = None,
                prefetch: bool = False, **kwargs: Any) -> Iterator[list[Any]]:
@@ -273,7 +299,7 @@ class MlflowReader:
                                        max_results=min(self.settings.page_size, 100), order_by=order,
                                        first_page=first_page)
             except MlflowException as e:
-                if "ENDPOINT_NOT_FOUND" in str(e) or "404" in str(e):
+                if http_status(e) == 404:  # a server without LoggedModels (MLflow 2.x)
                     return
                 raise
 

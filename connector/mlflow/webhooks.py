@@ -110,13 +110,13 @@ class Verifier:
                                 f"(accepted: {self.max_age:.0f} s)")
         delivery = _parse(delivery_id, body)
         with self._lock:
-            while self._accepted:
-                oldest_id, stale_at = next(iter(self._accepted.items()))
-                if stale_at > now and len(self._accepted) < MAX_REMEMBERED_DELIVERIES:
-                    break
-                del self._accepted[oldest_id]
+            # Ids whose timestamp is past the accepted age can no longer come back fresh: forgotten.
+            while self._accepted and next(iter(self._accepted.values())) < now:
+                self._accepted.popitem(last=False)
             if delivery_id in self._accepted:
                 raise Rejected(409, "delivery id already accepted (replay)")
+            while len(self._accepted) >= MAX_REMEMBERED_DELIVERIES:  # bounded memory: the oldest goes first
+                self._accepted.popitem(last=False)
             self._accepted[delivery_id] = sent + self.max_age
         return delivery
 

@@ -292,9 +292,10 @@ def consume_until(cfg: ConnectorConfig, targets: dict[int, int], instance: str
     """A ChangeConsumer running in a thread until it has read past `targets` (partition -> offset)."""
     consumer = ChangeConsumer(cfg, instance)
     stop = threading.Event()
-    thread = threading.Thread(target=consumer.run, args=(stop,),
-                              kwargs={"done": lambda c: all(c.positions.get(p, 0) > o for p, o in targets.items())},
-                              daemon=True)
+    def past_targets(c: ChangeConsumer) -> bool:
+        return all(c.positions.get(p, 0) > o for p, o in targets.items())
+
+    thread = threading.Thread(target=consumer.run, args=(stop,), kwargs={"should_stop": past_targets}, daemon=True)
     thread.start()
     return consumer, stop, thread
 

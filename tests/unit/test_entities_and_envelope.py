@@ -199,7 +199,8 @@ def test_model_version_state_carries_every_field() -> None:
 def test_model_version_without_run_or_stage() -> None:
     version = mo.model_version(stage=None, run_id=None, user_id="", description=None)
     state = changes.model_version_state(version, [], None)
-    assert state["current_stage"] == "None"
+    assert state["current_stage"] == ""  # a registry without stages (Unity Catalog answers None)
+    assert changes.model_version_state(mo.model_version(stage="None"), [], None)["current_stage"] == "None"
     assert state["run_id"] is None
     assert state["run"] is None
     assert state["user_id"] is None

@@ -618,8 +618,8 @@ def test_model_version_without_run_or_user() -> None:
     assert not any(u.startswith("urn:li:platformResource:") for u, _ in found)
 
 
-@pytest.mark.parametrize("stage", ["Production", "Staging", "Archived", "None", None])
-def test_model_version_stage_tag(stage: str | None) -> None:
+@pytest.mark.parametrize("stage", ["Production", "Staging", "Archived", "None"])
+def test_model_version_stage_tag(stage: str) -> None:
     found = aspects(mcps_of(mo.model_version_event(mo.model_version(stage=stage))))
     expected = f"urn:li:tag:mlflow_{str(stage).lower()}"
     assert found[(model_urn("demo classifier", "1", DEFAULT), "globalTags")] == {"tags": [{"tag": expected}]}
@@ -900,3 +900,18 @@ def test_reused_aspect_serialisation_is_datahubs_own() -> None:
     forget(run_props)
     assert proposal(run_props).to_obj(tuples=True) == run_props.to_obj(tuples=True)
     assert json.loads(proposal(run_props).aspect.value)["hyperParams"] == []
+
+
+def test_a_version_from_a_registry_without_stages_gets_no_stage_tag() -> None:
+    """Unity Catalog returns versions with `current_stage` None: no stage tag, no crash, and the event
+    travels through the change topic's codec."""
+    from connector.contract import codec
+
+    model = mo.registered_model(latest=[("1", None)])
+    event = mo.model_version_event(mo.model_version(stage=None), model, mo.run())
+    assert codec.decode(codec.encode(event)) == event
+    found = aspects(mcps_of(event))
+    assert found[(model_urn("demo classifier", "1", DEFAULT), "globalTags")] == {"tags": []}
+    staged = aspects(mcps_of(mo.model_version_event(mo.model_version(stage="None"), model, mo.run())))
+    assert staged[(model_urn("demo classifier", "1", DEFAULT), "globalTags")] == {
+        "tags": [{"tag": "urn:li:tag:mlflow_none"}]}

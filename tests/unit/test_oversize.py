@@ -194,9 +194,6 @@ def test_mcp_that_already_fits_comes_back_as_an_equal_copy() -> None:
     assert names(props(fitted).trainingMetrics) == names(props(mcp).trainingMetrics)
 
 
-@pytest.mark.xfail(strict=True, reason="fit_to_size on an MCP that already fits still returns a note saying it is "
-                                        "'over the N-byte message limit; truncated to ... (kept )' (harmless today: "
-                                        "the consumer's _serialize calls it only for an MCP over the limit)")
 def test_note_for_an_mcp_that_already_fits_does_not_claim_it_is_over_the_limit() -> None:
     mcp = training_run(params=10, metrics=10)
     _, _, note = fit_to_size(mcp, aspect_json, 1_000_000)

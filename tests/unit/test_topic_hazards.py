@@ -172,9 +172,6 @@ def test_state_or_position_without_a_policy_has_the_brokers_default_delete(role:
     assert len(hazards(role, "t", {})) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a config without cleanup.policy is checked as the broker's default `delete`, "
-                                        "but the sentence prints `cleanup.policy=None` (config.get without the "
-                                        "default); harmless with describe_configs, which lists defaults too")
 def test_a_missing_policy_is_named_as_the_default_it_stands_for() -> None:
     out = hazards("changes", "c", {})
     assert len(out) == 1 and "cleanup.policy=delete" in out[0]
