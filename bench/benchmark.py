@@ -11,7 +11,12 @@ free loopback port (access log followed, so every MLflow request is counted) and
   (e) MLflow requests per idle incremental cycle (compare x1 and x10: results are kept per scale);
   (f) consumer throughput on one core: our path (to_mcps + Decider + McpSerializer) against
       DataHub's DatahubKafkaEmitter serialisation of the same MCPs;
-  (g) peak resident memory of `produce`, `consume` and `snapshot`.
+  (g) peak resident memory of `produce`, `consume` and `snapshot`;
+  (s) start-up: the command's start -> its first MLflow request (a proxy stamps it);
+  (r) restart: `run`'s start -> its first cycle, after 1 and after --history snapshots of history.
+
+--latency-ms N puts a loopback proxy that delays each request by N ms in front of the server for (a),
+(b) and (c) (MLflow across a network). At x100 (--scale 100) (a) is not run: it would take about an hour.
 
     .venv/bin/python bench/benchmark.py                 # x1, every part (make bench)
     .venv/bin/python bench/benchmark.py --scale 10      # x10 (builds a 20,000-run store once)
@@ -45,11 +50,15 @@ from bench.part_freshness import part_d  # noqa: E402
 from bench.part_idle import part_e  # noqa: E402
 from bench.part_memory import part_g  # noqa: E402
 from bench.part_original import part_a  # noqa: E402
+from bench.part_restart import part_r  # noqa: E402
 from bench.part_snapshot import part_c  # noqa: E402
+from bench.part_startup import part_s  # noqa: E402
+from bench.proxy import LatencyProxy  # noqa: E402
 from bench.scale_fixture import CACHE, BenchServer, cached_store, shape  # noqa: E402
 from bench.summary import summary  # noqa: E402
 
-PARTS = "bcafegd"  # the order they run in: (d) writes to MLflow, so it comes last
+PARTS = "sbcrafegd"  # the order they run in: (d) writes to MLflow, so it comes last
+ORIGINAL_MAX_SCALE = 10  # (a) beyond this would take about an hour (x100: 10 x its 6 minutes at x10)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -71,6 +80,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timing rounds in (f) (each path: its best round)")
     p.add_argument("--repeat-floor", type=int, default=3, help="rounds of (b) (median)")
     p.add_argument("--repeat-snapshot", type=int, default=3, help="rounds of (c), each on fresh topics (median)")
+    p.add_argument("--latency-ms", type=float, default=None, metavar="N",
+                   help="(a), (b), (c) read MLflow through a loopback proxy that delays each request N ms "
+                        "(default: directly, no proxy)")
+    p.add_argument("--repeat-startup", type=int, default=3, help="rounds of (s) per command (median)")
+    p.add_argument("--history", type=int, default=200, help="snapshots of history for (r) (default 200)")
+    p.add_argument("--repeat-restart", type=int, default=2, help="restarts of (r) per history (median)")
     p.add_argument("--profile", action="store_true", help="(c): also run a snapshot under cProfile and print it")
     p.add_argument("--mlflow-workers", type=int, default=1, help="workers of the bench's mlflow server")
     p.add_argument("--fixture-threads", type=int, default=8, help="threads creating the store through the API")
@@ -115,19 +130,29 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     say(f"mlflow server {server.uri}; Kafka {bootstrap}; schema registry {registry}; work directory {workdir}")
     b = Bench(args, s, server, bootstrap, registry, workdir)
+    if args.latency_ms is not None:
+        b.proxy = b.stamp = LatencyProxy(server.uri, args.latency_ms, workdir / "proxy-requests.log")
+        say(f"(a), (b), (c) read MLflow through a proxy that delays each request {args.latency_ms:g} ms: {b.uri}")
     started = time.time()
-    steps = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f, "g": part_g}
+    steps = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f, "g": part_g,
+             "s": part_s, "r": part_r}
     failed = []
     try:
         for part in PARTS:
             if part in args.parts:
                 say()
+                if part == "a" and args.scale > ORIGINAL_MAX_SCALE:
+                    say(f"(a) DataHub's MLflowSource: not run at x{args.scale} (it would take about an hour: "
+                        f"{args.scale // 10} x its time at x10); the ratio to it is given at x1 and x10")
+                    continue
                 try:
                     steps[part](b)
                 except Exception as e:  # noqa: BLE001 - one failed part must not hide the others
                     failed.append(part)
                     say(f"    ({part}) FAILED: {type(e).__name__}: {e}")
     finally:
+        for proxy in {id(p): p for p in (b.proxy, b.stamp) if p is not None}.values():
+            proxy.stop()
         server.stop()
         if not args.keep:
             try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from bench.processes import Child, log_time, tail, tree_cpu_seconds
+from bench.proxy import LatencyProxy
 from bench.scale_fixture import CACHE, REPO, BenchServer, Shape
 from connector.devstack.mlflow_server import free_port
 
@@ -130,10 +131,26 @@ class Bench:
     workdir: Path
     results: dict[str, Any] = field(default_factory=dict)
     prefixes: list[str] = field(default_factory=list)
+    # --latency-ms: the proxy that delays each request, in front of the server for (a), (b) and (c).
+    proxy: LatencyProxy | None = None
+    # The proxy that stamps requests for start-up and restart (the latency proxy when there is one,
+    # else one that delays nothing).
+    stamp: LatencyProxy | None = None
 
     @property
     def uri(self) -> str:
-        return self.server.uri
+        """MLflow as (a), (b) and (c) read it: through the latency proxy with --latency-ms, else directly."""
+        return self.proxy.uri if self.proxy is not None else self.server.uri
+
+    @property
+    def latency_ms(self) -> float:
+        return self.proxy.latency_ms if self.proxy is not None else 0.0
+
+    def stamped_uri(self) -> str:
+        """MLflow through a proxy that stamps each request's arrival (started when first needed)."""
+        if self.stamp is None:
+            self.stamp = LatencyProxy(self.server.uri, 0.0, self.workdir / "stamp-requests.log")
+        return self.stamp.uri
 
     @functools.cached_property
     def connection(self) -> KafkaConnection:
@@ -152,13 +169,14 @@ class Bench:
         assert self.server.access is not None
         return self.server.access.between(start, end)
 
-    def config(self, name: str, poll: float | None = None, extra: dict[str, Any] | None = None
-               ) -> tuple[Path, dict[str, Any]]:
-        """A connector configuration with topics, group and transactional ids of its own."""
+    def config(self, name: str, poll: float | None = None, extra: dict[str, Any] | None = None,
+               uri: str | None = None) -> tuple[Path, dict[str, Any]]:
+        """A connector configuration with topics, group and transactional ids of its own, reading MLflow
+        at `uri` (default: as (a), (b) and (c) do, `Bench.uri`)."""
         prefix = f"bench-{name}-{uuid.uuid4().hex[:8]}"
         self.prefixes.append(prefix)
         data: dict[str, Any] = {
-            "source": {"type": "mlflow", "config": {"tracking_uri": self.uri,
+            "source": {"type": "mlflow", "config": {"tracking_uri": uri or self.uri,
                                                     "stateful_ingestion": {"enabled": True}}},
             "kafka": {
                 "bootstrap_servers": self.bootstrap, "schema_registry_url": self.registry, "partitions": 3,

@@ -26,7 +26,7 @@ def part_f(b: Bench) -> None:
     from connector.mlflow.reader import MlflowReader, ReaderSettings
 
     say("(f) consumer throughput on one core: our path vs DataHub's emitter serialisation")
-    reader = MlflowReader(ReaderSettings(tracking_uri=b.uri, registry_uri=b.uri))
+    reader = MlflowReader(ReaderSettings(tracking_uri=b.server.uri, registry_uri=b.server.uri))
     now = int(time.time() * 1000)
     events = [entity_changed("READ", kind, entity, source_block(b.uri, b.uri, now, "1-bench"), now)
               for kind, entity in full_listing(reader)]

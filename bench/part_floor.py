@@ -61,9 +61,10 @@ def floor_read(uri: str) -> dict[str, Any]:
 
 def part_b(b: Bench) -> None:
     say("(b) floor: bulk paged searches only (MlflowClient, max_results at MLflow's caps)")
-    floor_read(b.uri)  # warm-up: the server's first read of the store pays for the OS page cache
-    b.server.access.settle()  # type: ignore[union-attr]
     rounds = []
+    if b.args.repeat_floor > 0:
+        floor_read(b.uri)  # warm-up: the server's first read of the store pays for the OS page cache
+        b.server.access.settle()  # type: ignore[union-attr]
     for _ in range(b.args.repeat_floor):
         t0, cpu0 = time.time(), b.server_cpu_seconds()
         r = floor_read(b.uri)
@@ -71,41 +72,57 @@ def part_b(b: Bench) -> None:
         r["server_cpu_seconds"] = b.server_cpu_seconds() - cpu0
         r["requests"] = len(b.requests(t0, time.time()))
         rounds.append(r)
-    seconds = statistics.median(r["seconds"] for r in rounds)
-    # What MLflow's server spends answering the floor's searches: its one worker serves them in
-    # Python, one core at a time, so no client can read everything faster than this.
-    server_cpu = statistics.median(r["server_cpu_seconds"] for r in rounds)
-    counts = {k: rounds[0][k] for k in ("experiments", "runs", "registered_models", "model_versions")}
-    # The connector's own listing (its page sizes, joins and entity states), no Kafka: how much of
-    # the producer's time is MLflow reading as the connector does it.
-    from connector.config import parse
-    from connector.mlflow.listing import full_listing
-    from connector.mlflow.reader import MlflowReader, reader_settings
+    figures: dict[str, Any] = {}
+    if rounds:
+        seconds = statistics.median(r["seconds"] for r in rounds)
+        # What MLflow's server spends answering the floor's searches: its one worker serves them in
+        # Python, one core at a time, so no client can read everything faster than this.
+        server_cpu = statistics.median(r["server_cpu_seconds"] for r in rounds)
+        counts = {k: rounds[0][k] for k in ("experiments", "runs", "registered_models", "model_versions")}
+        best = min(rounds, key=lambda r: r["seconds"])
+        figures.update({"seconds": seconds, "rounds": [r["seconds"] for r in rounds],
+                        "requests": rounds[0]["requests"], "split_of_fastest": best["split"], "objects": counts,
+                        "server_cpu_seconds": server_cpu})
+        each = ", ".join(f"{r['seconds']:.2f}" for r in rounds)
+        say(f"    {seconds:.2f} s (median of {len(rounds)}: {each}), "
+            f"{rounds[0]['requests']} MLflow requests, objects {counts}")
+        say(f"    MLflow's server: {server_cpu:.2f} s of CPU to answer them (median)")
+        say("    fastest round by listing: " + ", ".join(f"{k} {v:.2f} s" for k, v in best["split"].items()))
+        # The connector's own listing (its page sizes, joins and entity states), no Kafka: how much of
+        # the producer's time is MLflow reading as the connector does it.
+        from connector.config import parse
+        from connector.mlflow.listing import full_listing
+        from connector.mlflow.reader import MlflowReader, reader_settings
 
-    cfg = parse(b.config("listing")[1])
-    reader = MlflowReader(reader_settings(cfg))
-    t0, w0 = time.time(), time.perf_counter()
-    entities = sum(1 for _ in full_listing(reader))
-    listing = time.perf_counter() - w0
-    b.server.access.settle()  # type: ignore[union-attr]
-    listing_requests = len(b.requests(t0, time.time()))
+        cfg = parse(b.config("listing")[1])
+        reader = MlflowReader(reader_settings(cfg))
+        t0, w0 = time.time(), time.perf_counter()
+        entities = sum(1 for _ in full_listing(reader))
+        listing = time.perf_counter() - w0
+        b.server.access.settle()  # type: ignore[union-attr]
+        listing_requests = len(b.requests(t0, time.time()))
+        figures.update({"connector_listing_seconds": listing, "connector_listing_requests": listing_requests,
+                        "connector_listing_entities": entities})
+        say(f"    the connector's own listing (connector.mlflow.listing.full_listing, page size "
+            f"{cfg.producer.page_size}, no Kafka): {listing:.2f} s, {listing_requests} requests, {entities} entities")
+    else:
+        say("    (--repeat-floor 0: the floor as a command only, no in-process rounds or warm-up)")
     # The same read as a fresh process: Python start-up and importing MLflow included, as for (c).
-    t0 = time.monotonic()
+    t0, cpu0, w0 = time.monotonic(), b.server_cpu_seconds(), time.time()
     out = subprocess.run([sys.executable, ENTRY_POINT, "--floor-only", b.uri], capture_output=True, text=True,
                          cwd=REPO, check=True)
     process_wall = time.monotonic() - t0
-    inner = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
-    best = min(rounds, key=lambda r: r["seconds"])
-    b.record("b", {"seconds": seconds, "rounds": [r["seconds"] for r in rounds], "requests": rounds[0]["requests"],
-                   "split_of_fastest": best["split"],
-                   "objects": counts, "process_wall_seconds": process_wall, "process_read_seconds": inner,
-                   "connector_listing_seconds": listing, "connector_listing_requests": listing_requests,
-                   "connector_listing_entities": entities, "server_cpu_seconds": server_cpu})
-    each = ", ".join(f"{r['seconds']:.2f}" for r in rounds)
-    say(f"    {seconds:.2f} s (median of {len(rounds)}: {each}), "
-        f"{rounds[0]['requests']} MLflow requests, objects {counts}")
-    say(f"    MLflow's server: {server_cpu:.2f} s of CPU to answer them (median)")
-    say("    fastest round by listing: " + ", ".join(f"{k} {v:.2f} s" for k, v in best["split"].items()))
-    say(f"    the connector's own listing (connector.mlflow.listing.full_listing, page size {cfg.producer.page_size}, "
-        f"no Kafka): {listing:.2f} s, {listing_requests} requests, {entities} entities")
-    say(f"    as a fresh process (python start + imports + read): {process_wall:.2f} s wall, read {inner:.2f} s")
+    process_server_cpu = b.server_cpu_seconds() - cpu0
+    b.server.access.settle()  # type: ignore[union-attr]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    inner = result["seconds"]
+    figures.update({"process_wall_seconds": process_wall, "process_read_seconds": inner,
+                    "process_server_cpu_seconds": process_server_cpu,
+                    "process_requests": len(b.requests(w0, time.time()))})
+    figures.setdefault("seconds", inner)
+    figures.setdefault("server_cpu_seconds", process_server_cpu)
+    figures.setdefault("objects", {k: result[k] for k in ("experiments", "runs", "registered_models",
+                                                          "model_versions")})
+    b.record("b", figures)
+    say(f"    as a fresh process (python start + imports + read): {process_wall:.2f} s wall, read {inner:.2f} s, "
+        f"MLflow's server {process_server_cpu:.2f} s of CPU, objects {figures['objects']}")

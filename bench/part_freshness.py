@@ -132,7 +132,7 @@ def part_d(b: Bench) -> None:
     webhooks = b.args.webhooks == "on" or (b.args.webhooks == "auto" and webhooks_available())
     if webhooks:
         extra["webhooks"] = {"listen": f"127.0.0.1:{free_port()}", "secret": uuid.uuid4().hex}
-    path, data = b.config("freshness", extra=extra)
+    path, data = b.config("freshness", extra=extra, uri=b.server.uri)  # no latency proxy: (a)-(c) only
     if webhooks:
         installed = subprocess.run(connector_cli("webhooks", "install", "-c", path), cwd=REPO, capture_output=True,
                                    text=True)
@@ -142,7 +142,7 @@ def part_d(b: Bench) -> None:
     mode = "webhooks" if webhooks else f"polling every {poll:g} s"
     say(f"(d) freshness of `mlflow-datahub run` ({mode}): MLflow write -> its MCP read from the topic")
     child = Child(connector_cli("run", "-c", path, "--instance-id", "bench-freshness"), b.workdir / "freshness")
-    client = MlflowClient(b.uri, registry_uri=b.uri)
+    client = MlflowClient(b.server.uri, registry_uri=b.server.uri)
     settings = MappingSettings()
     experiment = client.get_experiment_by_name(f"{EXPERIMENT_PREFIX}0000")
     assert experiment is not None

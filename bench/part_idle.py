@@ -24,7 +24,7 @@ def part_e(b: Bench) -> None:
     poll = b.args.idle_poll_interval
     cycles = b.args.idle_cycles
     say(f"(e) MLflow requests per idle cycle of `mlflow-datahub run` (poll every {poll:g} s, {cycles} cycles)")
-    path, data = b.config("idle", poll=poll)
+    path, data = b.config("idle", poll=poll, uri=b.server.uri)
     child = Child(connector_cli("run", "-c", path, "--instance-id", "bench-idle"), b.workdir / "idle")
     try:
         ready = wait_snapshot_consumed(b.connection, child, data, b.args.timeout)

@@ -11,7 +11,7 @@ from bench.processes import Child, connector_cli, log_time, tail
 
 def part_g(b: Bench) -> None:
     say("(g) peak resident memory: `produce` and `consume` run separately over a complete snapshot")
-    path, data = b.config("memory", poll=3600)
+    path, data = b.config("memory", poll=3600, uri=b.server.uri)
     k = data["kafka"]
     producer = Child(connector_cli("produce", "-c", path), b.workdir / "produce")
     deadline = time.monotonic() + b.args.timeout

@@ -10,7 +10,8 @@ import sys
 import time
 
 from bench.common import Bench, endpoint_counts, say
-from bench.processes import Child, Finished, connector_cli, log_time, tail
+from bench.processes import Child, Finished, _process_tree, connector_cli, log_time, tail
+from bench.processes import _vm_hwm_mb as _hwm
 from bench.scale_fixture import REPO
 
 
@@ -46,7 +47,12 @@ def part_c(b: Bench) -> None:
                     "import connector.cli, connector.pipeline.producer, connector.pipeline.consumer"],
                    cwd=REPO, check=True)
     imports = time.monotonic() - t0
-    figures = {"seconds": fin.wall, "rounds_seconds": walls, "own_seconds": own, "split": split, "mcps": mcps,
+    # Peak RSS of each process of the command (the command, which produces, and its consumer), and the MLflow
+    # server's own peak since it started.
+    processes_mb = sorted(child.peaks.values(), reverse=True)
+    server_mb = sum(v for v in (_hwm(p) for p in _process_tree(b.server.process.pid)) if v)  # type: ignore[union-attr]
+    figures = {"processes_mb": processes_mb, "server_peak_mb": server_mb,
+               "seconds": fin.wall, "rounds_seconds": walls, "own_seconds": own, "split": split, "mcps": mcps,
                "events": events,
                "requests": len(requests), "request_endpoints": endpoint_counts(requests),
                "maxrss_mb": fin.maxrss_mb, "cpu_seconds": fin.cpu_seconds, "server_cpu_seconds": server_cpu,
@@ -61,6 +67,11 @@ def part_c(b: Bench) -> None:
             f"producer (MLflow -> change topic) {split['producer']:.2f} s, "
             f"consumer (change topic -> MCP topic, acknowledged) {split['consumer']:.2f} s")
     say(f"    (python start + importing the connector alone: {imports:.2f} s)")
+    say(f"    peak RSS of each of its processes: {', '.join(f'{m:.0f}' for m in processes_mb)} MB; MLflow's server "
+        f"(its processes, since it started) {server_mb:.0f} MB")
+    if b.proxy is not None:
+        first = b.proxy.first(child.started)
+        figures["first_request_seconds"] = None if first is None else first - child.started
     if b.args.profile:
         profile_snapshot(b)
 

@@ -150,6 +150,12 @@ class Child:
 
 
 def connector_cli(*args: str | Path) -> list[str | Path]:
+    """The connector's command; BENCH_CONNECTOR_DIR: the `connector` package of another tree (to time a
+    version before a change against the one after it, in the same run)."""
+    other = os.environ.get("BENCH_CONNECTOR_DIR")
+    if other:
+        return [sys.executable, "-c", f"import runpy, sys; sys.path.insert(0, {other!r}); "
+                "sys.argv[0] = 'mlflow-datahub'; runpy.run_module('connector.cli', run_name='__main__')", *args]
     return [sys.executable, "-m", "connector.cli", *args]
 
 

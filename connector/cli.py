@@ -21,7 +21,8 @@ from confluent_kafka import KafkaException
 from connector import __version__
 from connector.config import ConnectorConfig, load
 from connector.errors import CommandFailed, ConfigError, OperatorError
-from connector.redaction import RedactingFormatter, redact, remember_secrets
+from connector.observability.http import serve
+from connector.redaction import redact, remember_secrets
 
 if TYPE_CHECKING:
     from connector.mlflow.reader import MlflowReader
@@ -35,9 +36,11 @@ SECRET_ENVIRONMENT = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFL
                       "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET")
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
+    from connector.observability.logs import formatter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("httpx", "httpx2", "mlflow", "datahub", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -57,17 +60,47 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _startup(cfg_path: str) -> ConnectorConfig:
-    """Load the configuration and check that Kafka answers; topics are created if missing."""
-    from connector.kafka.topics import ensure_topics
-
+def _loaded(cfg_path: str) -> ConnectorConfig:
+    """The configuration, with what it takes from the environment resolved (a missing value fails here)."""
     cfg = load(cfg_path)
     cfg.mlflow.resolved_tracking_uri()
     cfg.kafka.resolved_schema_registry()
     if cfg.webhooks is not None:
         cfg.webhooks.resolved_secret()
+    return cfg
+
+
+def _startup(cfg_path: str) -> ConnectorConfig:
+    """Load the configuration and check that Kafka answers; topics are created if missing."""
+    from connector.kafka.topics import ensure_topics
+
+    cfg = _loaded(cfg_path)
     ensure_topics(cfg)
     return cfg
+
+
+def _startup_with_reader(cfg_path: str, retry_for_seconds: float | None) -> tuple[ConnectorConfig, MlflowReader]:
+    """`_startup` and `_reader` side by side: MLflow's client is imported and MLflow checked in a thread
+    while Kafka is checked and the topics made, so that the first MLflow request does not wait for Kafka.
+    A Kafka problem is reported first, as `_startup` then `_reader` would."""
+    from connector.kafka.topics import ensure_topics
+
+    cfg = _loaded(cfg_path)
+    outcome: list[MlflowReader | BaseException] = []
+
+    def check() -> None:
+        try:
+            outcome.append(_reader(cfg, retry_for_seconds))
+        except BaseException as e:  # raised in the main thread, after Kafka's check
+            outcome.append(e)
+
+    checking = threading.Thread(target=check, name="mlflow-check", daemon=True)
+    checking.start()
+    ensure_topics(cfg)
+    checking.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return cfg, outcome[0]
 
 
 def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds: float = 10.0) -> MlflowReader:
@@ -129,12 +162,15 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     from connector.pipeline.producer import ChangeProducer
 
-    cfg = _startup(args.config)
-    producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
+    cfg, reader = _startup_with_reader(args.config, retry_for_seconds=None)
+    producer = ChangeProducer(cfg, reader)
     receiver = _start_webhooks(cfg, producer)
+    operations = serve(cfg, mlflow=True, registry=False)
     producer.run(_stop_on_signals())
     if receiver is not None:
         receiver.stop()
+    if operations is not None:
+        operations.stop()
     producer.close()
     return 0
 
@@ -143,7 +179,11 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from connector.pipeline.consumer import ChangeConsumer
 
     cfg = _startup(args.config)
-    ChangeConsumer(cfg, args.instance_id).run(_stop_on_signals())
+    consumer = ChangeConsumer(cfg, args.instance_id)
+    operations = serve(cfg, mlflow=False, registry=True)
+    consumer.run(_stop_on_signals())
+    if operations is not None:
+        operations.stop()
     return 0
 
 
@@ -151,11 +191,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from connector.pipeline.consumer import ChangeConsumer
     from connector.pipeline.producer import ChangeProducer
 
-    cfg = _startup(args.config)
+    cfg, reader = _startup_with_reader(args.config, retry_for_seconds=None)
     stop = _stop_on_signals()
-    producer = ChangeProducer(cfg, _reader(cfg, retry_for_seconds=None))
-    consumer = ChangeConsumer(cfg, args.instance_id)
+    producer = ChangeProducer(cfg, reader)
     receiver = _start_webhooks(cfg, producer)
+    operations = serve(cfg, mlflow=True, registry=True)
     errors: list[BaseException] = []
 
     def guarded(fn: Callable[[threading.Event], object]) -> Callable[[], None]:
@@ -167,8 +207,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 stop.set()
         return body
 
+    def consume(stop: threading.Event) -> None:
+        # Made in its own thread (DataHub's modules, the registry client, the state restore), so that the
+        # producer's first cycle does not wait for it.
+        ChangeConsumer(cfg, args.instance_id).run(stop)
+
     threads = [threading.Thread(target=guarded(producer.run), name="producer"),
-               threading.Thread(target=guarded(consumer.run), name="consumer")]
+               threading.Thread(target=guarded(consume), name="consumer")]
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
@@ -176,6 +221,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             t.join(0.5)
     if receiver is not None:
         receiver.stop()
+    if operations is not None:
+        operations.stop()
     producer.close()
     if errors:
         raise errors[0]
@@ -183,13 +230,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from connector.kafka.topics import ensure_topics
     from connector.pipeline.snapshot import run_snapshot
 
     started = time.monotonic()
-    cfg = _startup(args.config)
+    cfg = _loaded(args.config)
     stop = _stop_on_signals()
+    # Kafka's check and the topics are made while MLflow's client loads and MLflow is checked.
     result = run_snapshot(cfg, lambda: _reader(cfg, retry_for_seconds=args.mlflow_retry_seconds), stop,
-                          args.instance_id, args.consumers)
+                          args.instance_id, args.consumers, topics=lambda: ensure_topics(cfg))
     summary, stats = result.summary, result.stats
     print(f"snapshot {summary.snapshot_id}: {'complete' if summary.complete else 'INCOMPLETE'}")
     print(f"  entities: {sum(summary.entities.values())} "
@@ -213,6 +262,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     summary = replay(cfg, since, _stop_on_signals(), args.instance_id)
     print("\n".join(summary.lines()))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from connector.pipeline.status import read_status
+
+    cfg = _startup(args.config)
+    status = read_status(cfg)
+    print(status.to_json() if args.json else "\n".join(status.lines()))
+    return 0 if status.healthy else 1
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
@@ -316,6 +374,8 @@ def parser() -> argparse.ArgumentParser:
                                 "through Kafka.")
     p.add_argument("--version", action="version", version=__version__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="text for people (default), or one JSON object per line for log pipelines")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], text: str,
@@ -357,6 +417,10 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--from-timestamp", metavar="T", help="from the first event published at or after T: "
                        "ISO-8601 (2026-11-27T10:00:00Z; UTC without a zone) or epoch milliseconds")
     rp.add_argument("--instance-id", help="consumer instance name (default: replay)")
+    st = command("status", cmd_status, "What the connector's topics say: consumer lag, last complete snapshot, "
+                 "entities known, dead letters, the producer's position; exit 0 when healthy, 1 when not.")
+    st.add_argument("--json", action="store_true", help="as JSON (keys: consumer_lag, last_complete_snapshot, "
+                    "entities_known, dead_letters, healthy, ...)")
     d = command("dump", cmd_dump, "Write the MCP topic's contents as a DataHub file-sink JSON file.")
     d.add_argument("--out", required=True, metavar="FILE.json")
     wh = command("webhooks", cmd_webhooks, "Manage the MLflow webhook (MLflow 3.3+, SQL store) that tells the "
@@ -371,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_format)
     remember_secrets(os.environ.get(name) for name in SECRET_ENVIRONMENT)
     try:
         return args.fn(args)

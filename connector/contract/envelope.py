@@ -56,3 +56,14 @@ def snapshot_marker(
     }
     return {"op": op, "kind": "SNAPSHOT", "key": SNAPSHOT_MARKER_KEY, "after": marker, "source": source,
             "ts_ms": ts_ms}
+
+
+def changed_at_ms(event: ChangeEvent) -> int:
+    """When MLflow changed what the event carries, as well as the event tells: the entity's own
+    last-update time where MLflow keeps one (a run has only its start and end), else when it was read."""
+    after = event["after"] or {}
+    for field_name in ("last_updated_timestamp", "last_update_time", "end_time", "start_time"):
+        value = after.get(field_name) if isinstance(after, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return event["source"]["read_at_ms"]

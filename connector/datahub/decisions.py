@@ -67,6 +67,29 @@ class Entries(dict[str, Entry]):
         for urn, entry in dict(*args, **kwargs).items():  # type: ignore[call-overload]
             self[urn] = entry
 
+    def __delitem__(self, urn: str) -> None:
+        entry = self[urn]
+        super().__delitem__(urn)
+        self._unindex(urn, entry)
+
+    def pop(self, urn: str, *default: Entry | None) -> Entry | None:  # type: ignore[override]
+        if urn not in self:
+            if default:
+                return default[0]
+            raise KeyError(urn)
+        entry = self[urn]
+        del self[urn]
+        return entry
+
+    def _unindex(self, urn: str, entry: Entry) -> None:
+        """A URN that is gone leaves its owner's index, and an owner with nothing left leaves it too:
+        weeks of churn (entities created and deleted) do not grow the index."""
+        if entry.owner and entry.owner in self.by_owner:
+            urns = self.by_owner[entry.owner]
+            urns.pop(urn, None)
+            if not urns:
+                del self.by_owner[entry.owner]
+
     def setdefault(self, urn: str, default: Entry) -> Entry:  # type: ignore[override]
         if urn not in self:
             self[urn] = default
@@ -77,7 +100,9 @@ class Entries(dict[str, Entry]):
         if not urns:
             return []
         live = [urn for urn in urns if (e := self.get(urn)) is not None and e.owner == owner]
-        if len(live) != len(urns):
+        if not live:
+            del self.by_owner[owner]
+        elif len(live) != len(urns):
             self.by_owner[owner] = dict.fromkeys(live)
         return live
 
@@ -281,6 +306,16 @@ class Decider:
             self._soft_delete(urn, None, outcome)
         self._forget(sorted(urn for urn, e in owned.items() if e.removed and e.seen != snapshot_id), outcome)
         return outcome
+
+
+def still_seen(event: ChangeEvent, state: PartitionState) -> dict[str, Entry | None]:
+    """State changes for an entity event that cannot be written (dead-lettered): the URNs its key owns
+    count as seen by the open snapshot, so its end does not take the entity for gone. Pure."""
+    snapshot = state.open_snapshot
+    if snapshot is None or event["kind"] == "SNAPSHOT" or event["op"] == "DELETE":
+        return {}
+    return {urn: Entry(entry.owner, entry.aspects, snapshot, entry.removed)
+            for urn in state.owned_by(event["key"]) if (entry := state.entries[urn]).seen != snapshot}
 
 
 def decide(event: ChangeEvent, state: PartitionState, policy: Policy, settings: MappingSettings) -> Outcome:

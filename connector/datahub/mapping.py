@@ -52,9 +52,10 @@ from datahub.metadata.schema_classes import (
     VersionTagClass,
     _Aspect,
 )
-from datahub.metadata.urns import DataPlatformUrn, DatasetUrn, MlModelUrn, VersionSetUrn
+from datahub.metadata.urns import DataPlatformUrn, DatasetUrn, MlModelGroupUrn, MlModelUrn, VersionSetUrn
 from datahub.sdk.container import Container
 from datahub.sdk.dataset import Dataset
+from datahub.utilities.urn_encoder import UrnEncoder
 
 from connector.contract.events import (
     ChangeEvent,
@@ -108,6 +109,22 @@ class EntityMcps:
 
 # ---- URNs -------------------------------------------------------------------------------------
 
+MAX_URN_BYTES = 512
+"""DataHub refuses a URN longer than this, URL-encoded (GMS's UrnValidationUtil.URN_NUM_BYTES_LIMIT)."""
+_URL_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-*_ ")
+
+
+class UrnTooLong(ValueError):
+    """An entity URN of the event is over DataHub's limit: DataHub would reject every proposal for it,
+    so the event cannot be written (the consumer sends it to the dead-letter topic)."""
+
+
+def urn_bytes(urn: str) -> int:
+    """A URN's length as DataHub measures it: URL-encoded as Java's URLEncoder does (letters, digits
+    and `.-*_` stay, a space becomes `+`, any other byte of its UTF-8 is `%XX`)."""
+    return sum(1 if byte in _URL_SAFE else 3 for byte in urn.encode())
+
+
 
 @functools.lru_cache(maxsize=4096)  # every run event names its experiment's URN (a hash of a JSON key)
 def experiment_urn(name: str) -> str:
@@ -118,14 +135,22 @@ def run_urn(run_id: str) -> str:
     return str(DataProcessInstance(id=run_id, orchestrator=PLATFORM).urn)
 
 
+def _named_urn(urn_class: type[MlModelUrn] | type[MlModelGroupUrn], name: str, env: str) -> str:
+    # FIX(reserved-characters): the original's make_ml_model(_group)_urn put the name in the URN as
+    # it is, so `,` `(` `)` in a name broke the URN (DataHub rejects it). DataHub's typed URN class
+    # encodes them (`a,b` -> `a%2Cb`) and validates the result; any other name gives the original's
+    # URN unchanged. The name is encoded here, with the class's own encoder, and `env` is left as the
+    # configuration gives it (the class would upper-case it itself): the URN is the original's
+    # builder's with only the name encoded.
+    return str(urn_class(PLATFORM_URN, UrnEncoder.encode_string(name), env, _allow_coercion=False))
+
+
 def model_group_urn(name: str, settings: MappingSettings) -> str:
-    return builder.make_ml_model_group_urn(platform=PLATFORM, group_name=name, env=settings.env)
+    return _named_urn(MlModelGroupUrn, name, settings.env)
 
 
 def model_urn(name: str, version: str, settings: MappingSettings) -> str:
-    return builder.make_ml_model_urn(
-        platform=PLATFORM, model_name=f"{name}{settings.model_name_separator}{version}", env=settings.env
-    )
+    return _named_urn(MlModelUrn, f"{name}{settings.model_name_separator}{version}", settings.env)
 
 
 def stage_tag_name(stage: str) -> str:
@@ -450,6 +475,33 @@ def model_version_mcps(version: ModelVersion, event: ChangeEvent, settings: Mapp
     return EntityMcps(urn, mcps)
 
 
+def _shown(name: str, limit: int = 60) -> str:
+    """A name for a log line: quoted, and cut if long."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
+
+
+def _check_urn_lengths(event: ChangeEvent, entity: EntityMcps) -> None:
+    """Raises UrnTooLong, naming the MLflow object, when a URN the event writes is over DataHub's limit."""
+    for urn in dict.fromkeys(m.entityUrn for m in entity.mcps if m.entityUrn):
+        if len(urn.encode()) * 3 <= MAX_URN_BYTES:
+            continue  # short enough however it encodes (most URNs)
+        size = urn_bytes(urn)
+        if size <= MAX_URN_BYTES:
+            continue
+        after = cast(dict, event["after"])
+        kind = event["kind"]
+        if kind == "REGISTERED_MODEL":
+            what = f"registered model {_shown(after['name'])}"
+        elif kind == "MODEL_VERSION":
+            what = f"model {_shown(after['name'])} version {after['version']}"
+        elif kind == "RUN":
+            what = f"run {after['run_id']}"
+        else:
+            what = f"{kind.lower()} {_shown(str(after.get('name', event['key'])))}"
+        raise UrnTooLong(f"{what}: the URN {_shown(urn, 80)} is {size} bytes URL-encoded, over DataHub's limit "
+                         f"of {MAX_URN_BYTES}; not written to DataHub")
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 
@@ -478,7 +530,9 @@ def to_mcps(event: ChangeEvent, settings: MappingSettings) -> Transformed:
         entity = registered_model_mcps(cast(RegisteredModel, after), settings)
     else:
         entity = model_version_mcps(cast(ModelVersion, after), event, settings)
+    _check_urn_lengths(event, entity)
     system_metadata = SystemMetadataClass(lastObserved=event["source"]["read_at_ms"], runId=settings.run_id)
     for mcp in entity.mcps:
         mcp.systemMetadata = system_metadata
     return Transformed(entity, warnings)
+

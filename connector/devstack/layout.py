@@ -98,12 +98,21 @@ class SecureListeners:
 
     def client_settings(self) -> dict[str, str]:
         """librdkafka settings of the SASL_SSL listener with SCRAM-SHA-512, password included (for tests)."""
-        settings: dict[str, str] = {}
-        for line in self.client_properties.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not line.lstrip().startswith("#"):
-                settings[key.strip()] = value.strip()
-        return settings
+        return read_properties(self.client_properties)
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A `key=value` properties file (comments and blank lines skipped); empty if it cannot be read."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
 
 
 @dataclass(frozen=True)

@@ -159,8 +159,13 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def check_ports_free(layout: Layout, name: str, secure: bool = False) -> None:
-    for port, env_var in layout.ports(name, secure):
+def check_ports_free(layout: Layout, name: str, secure: bool = False, only_secure: bool = False) -> None:
+    """StackError naming the env var to change if a port the service would bind is taken (`only_secure`:
+    just the broker's secured listeners, which a running broker without them does not hold)."""
+    ports = layout.ports(name, secure)
+    if only_secure:
+        ports = [p for p in ports if p not in layout.ports(name)]
+    for port, env_var in ports:
         if _port_in_use(port):
             raise StackError(f"port {port} ({name}) is in use by another process; stop it or set {env_var}")
 

@@ -33,6 +33,7 @@ from connector.devstack.layout import (
     Layout,
     SecureListeners,
     StackError,
+    read_properties,
 )
 from connector.devstack.processes import write_atomic
 
@@ -131,22 +132,9 @@ def ensure_certificates(layout: Layout, java: str, progress: Callable[[str], Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_properties(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        text = path.read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not line.lstrip().startswith("#"):
-            out[key.strip()] = value.strip()
-    return out
-
-
 def password(layout: Layout) -> str:
     """The dev user's password: made once per root, kept in client.properties."""
-    existing = _read_properties(client_properties(layout)).get("sasl.password")
+    existing = read_properties(client_properties(layout)).get("sasl.password")
     return existing or secrets.token_urlsafe(18)
 
 

@@ -302,6 +302,14 @@ def _wait_ready(layout: Layout, name: str, record: Record, timeout: float) -> No
 # orchestration
 
 
+def _restart_secured(layout: Layout, record: Record, progress: Callable[[str], None], why: str) -> None:
+    """Stop the running broker so that it starts again with its secured listeners (ports checked first)."""
+    if not record.secure:  # the ports it will add, checked before the broker goes down
+        check_ports_free(layout, KAFKA, secure=True, only_secure=True)
+    progress(f"restarting {KAFKA} ({why}) ...")
+    stop_service(layout, KAFKA)
+
+
 def _bring_up(layout: Layout, names: tuple[str, ...], progress: Callable[[str], None],
               secure: bool = False) -> dict[str, Record]:
     """Start what is not running among names (in parallel) and wait until all of them answer.
@@ -313,10 +321,11 @@ def _bring_up(layout: Layout, names: tuple[str, ...], progress: Callable[[str], 
     to_start: list[str] = []
     for name in names:
         record = running_record(layout, name)
+        if record is not None and name == KAFKA and record.secure and not secured.client_properties(layout).is_file():
+            secure = True  # its dev credentials are gone: new ones need a restart (PLAIN users are in its properties)
+            record = _restart_secured(layout, record, progress, "its dev credentials file is missing")
         if record is not None and name == KAFKA and secure and not record.secure:
-            progress(f"restarting {name} with its secured listeners (SASL_PLAINTEXT, SASL_SSL) ...")
-            stop_service(layout, name)
-            record = None
+            record = _restart_secured(layout, record, progress, "with its secured listeners (SASL_PLAINTEXT, SASL_SSL)")
         if record is not None:
             running[name] = record
             if record.address != layout.address(name):

@@ -13,19 +13,33 @@
 
 Like quix-streams' `ConnectionConfig`: the connection is described once and every client is made
 from it, so no client can connect without the credentials the others have.
+
+The clients of one `KafkaConnection` share one record of the security problems librdkafka reports
+(wrong credentials, a mechanism the broker does not offer, a failed TLS handshake: errors it retries
+forever); `cluster_metadata` turns one into a ConfigError that names the cause, the bootstrap address
+and the `kafka.*` field to check, instead of "no broker answers". No setting's value is ever put in a
+message (but the SASL user and mechanism).
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, ClusterMetadata
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from connector.errors import ConfigError
-from connector.kafka.client_logging import KafkaErrors, librdkafka_logger
+from connector.kafka.client_logging import (
+    ConnectionProblems,
+    KafkaErrors,
+    SecurityProblem,
+    explain,
+    librdkafka_logger,
+)
 
 if TYPE_CHECKING:
     from connector.config import KafkaConfig
@@ -44,6 +58,12 @@ def is_connection_key(key: str) -> bool:
 def connection_settings(connection_config: Mapping[str, Any], producer_config: Mapping[str, Any],
                         consumer_config: Mapping[str, Any]) -> dict[str, Any]:
     """The connection settings every client gets (see the module's rule). Pure."""
+    return _settings_and_origins(connection_config, producer_config, consumer_config)[0]
+
+
+def _settings_and_origins(connection_config: Mapping[str, Any], producer_config: Mapping[str, Any],
+                          consumer_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The connection settings, and the section each came from (`kafka.connection_config`, ...)."""
     settings = dict(connection_config)
     origin = {key: "kafka.connection_config" for key in settings}
     for section, config in (("kafka.producer_config", producer_config), ("kafka.consumer_config", consumer_config)):
@@ -55,7 +75,7 @@ def connection_settings(connection_config: Mapping[str, Any], producer_config: M
                                   "be the same for every client (write it once, in kafka.connection_config)")
             settings[key] = value
             origin.setdefault(key, section)
-    return settings
+    return settings, origin
 
 
 class KafkaConnection:
@@ -64,12 +84,51 @@ class KafkaConnection:
     def __init__(self, kafka: KafkaConfig) -> None:
         self.config = kafka
         self.bootstrap: str = kafka.resolved_bootstrap()
-        self.connection: dict[str, Any] = connection_settings(
+        self.connection: dict[str, Any]
+        self.connection, self.origins = _settings_and_origins(
             kafka.connection_config, kafka.producer_config, kafka.consumer_config)
+        self.problems = ConnectionProblems()  # what this connection's clients reported about its security
 
     def _base(self, role: str) -> dict[str, Any]:
         return {"bootstrap.servers": self.bootstrap, "logger": librdkafka_logger(),
-                "error_cb": KafkaErrors(role, self.bootstrap), **self.connection}
+                "error_cb": KafkaErrors(role, self.bootstrap, problems=self.problems, words=self.explain),
+                **self.connection}
+
+    def explain(self, problem: SecurityProblem) -> str:
+        """A security problem in one line: the cause, the bootstrap address, the `kafka.*` field to check."""
+        return explain(problem, self.bootstrap, self.connection, self.origins)
+
+    # -- the start-up check ------------------------------------------------------------------------
+
+    def cluster_metadata(self, client: AdminClient, timeout: float = 15.0) -> ClusterMetadata:
+        """The cluster's metadata (all topics), or a ConfigError that says why Kafka cannot be used: a
+        security problem a client of this connection reported (authentication failed, mechanism not
+        offered, TLS handshake failed), at once; else, after `timeout`, that no broker answers.
+
+        librdkafka retries those problems forever and reports them only to `error_cb`, which an admin
+        client runs in `poll()`: the metadata is asked for in slices of a second, polling in between."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return client.list_topics(timeout=min(1.0, max(deadline - time.monotonic(), 0.1)))
+            except KafkaException as e:
+                client.poll(0)  # runs the error callbacks: a security problem is recorded now
+                problem = self.problems.latest()
+                if problem is not None:
+                    raise ConfigError(self.explain(problem)) from None
+                if time.monotonic() >= deadline:
+                    raise ConfigError(f"kafka.bootstrap_servers: no Kafka broker answers at {self.bootstrap} "
+                                      f"({e.args[0]})") from None
+
+    def refused_settings(self, error: KafkaException) -> ConfigError:
+        """A client that librdkafka refused to create (an unknown setting, a mechanism it was built
+        without), as a ConfigError naming the section of the setting it names."""
+        text = error.args[0].str() if error.args and hasattr(error.args[0], "str") else str(error)
+        named = re.search(r'property:? "([^"]+)"', text)
+        key = named.group(1) if named else ("sasl.mechanism" if "SASL mechanism" in text else "")
+        section = self.origins.get(key) or "kafka.connection_config"
+        return ConfigError(f"{section}{'.' + key if key else ''}: librdkafka refuses the Kafka client settings "
+                           f"({text})")
 
     # -- what each client receives (pure; the unit tests list them) --------------------------------
 

@@ -17,6 +17,7 @@ from connector.kafka.clients import KafkaConnection
 log = logging.getLogger("connector.topics")
 
 WEEK_MS = 7 * 24 * 3600 * 1000
+HOUR_MS = 3600 * 1000
 # Largest change event: DataHub's GMS takes aspects up to 16 MB, so an event that big still maps.
 CHANGE_EVENT_MAX_BYTES = 16 * 1024 * 1024
 
@@ -43,7 +44,9 @@ def specs(cfg: ConnectorConfig) -> list[TopicSpec]:
         # Co-partitioned with the change topic: partition p of the state holds the URNs that
         # events of change partition p made exist.
         TopicSpec(t.state, k.partitions, compact),
-        TopicSpec(t.producer_offsets, 1, compact),
+        # The producer's position and a summary per published entity, read whole at every start:
+        # compacted within the hour (an uncompacted week of positions would be read at each start).
+        TopicSpec(t.producer_offsets, 1, {**compact, "segment.ms": str(HOUR_MS), "min.cleanable.dirty.ratio": "0.1"}),
         TopicSpec(t.dead_letter, 1, {"cleanup.policy": "delete", "retention.ms": str(4 * WEEK_MS)}),
         TopicSpec(t.mcp, 1, {}),
     ]
@@ -75,14 +78,14 @@ def _wait_for_leaders(client: AdminClient, names: list[str], timeout: float) -> 
 
 def ensure_topics(cfg: ConnectorConfig, timeout: float = 15.0) -> dict[str, int]:
     """Create missing topics; check that the state topic is co-partitioned with the change topic.
-    Returns the partition count of each topic. Raises ConfigError when the broker is unreachable."""
-    client = admin(cfg)
+    Returns the partition count of each topic. Raises ConfigError when the broker is unreachable or
+    refuses the connection's security settings (it says which: authentication, mechanism, TLS)."""
+    connection = KafkaConnection(cfg.kafka)
     try:
-        existing = client.list_topics(timeout=timeout).topics
+        client = connection.admin()
     except KafkaException as e:
-        raise ConfigError(
-            f"kafka.bootstrap_servers: no Kafka broker answers at {cfg.kafka.resolved_bootstrap()} ({e.args[0]})"
-        ) from None
+        raise connection.refused_settings(e) from None
+    existing = connection.cluster_metadata(client, timeout).topics
     missing = [s for s in specs(cfg) if s.name not in existing]
     if missing:
         futures = client.create_topics([

@@ -18,8 +18,10 @@ the producer's fingerprints keep the overlap from publishing anything twice.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mlflow.entities import Run as MlflowRun
 from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
@@ -49,6 +51,7 @@ from connector.mlflow.entities import (
 from connector.mlflow.reader import MlflowReader
 
 OVERLAP_MS = 5000
+CLOCK_SKEW_MS = 3600 * 1000  # how far behind the producer's clock a client's clock may be
 FIRST_PAGE = 250  # covers the overlap (5 s) of a registry written 50 times a second
 ACTIVE_STATUSES = ("RUNNING", "SCHEDULED")
 
@@ -95,35 +98,64 @@ class Known:
     def changed(self, kind: EntityKind, entity: Entity) -> bool:
         return self.fingerprints.get(entity_key(kind, entity)) != fingerprint(entity)
 
+    @staticmethod
+    def summary(kind: EntityKind, entity: Entity) -> dict[str, Any]:
+        """What a restart needs of a published state (kept in a compacted topic instead of the states):
+        its fingerprint, and what change detection and the joins use."""
+        out: dict[str, Any] = {"kind": kind, "fp": fingerprint(entity)}
+        if kind == "RUN":
+            out["active"] = entity["status"] in ACTIVE_STATUSES  # type: ignore[typeddict-item]
+        elif kind == "MODEL_VERSION":
+            out["own"] = version_own_fingerprint(entity)  # type: ignore[arg-type]
+            out["run_id"] = entity["run_id"]  # type: ignore[typeddict-item]
+        elif kind == "EXPERIMENT":
+            out["name"] = entity["name"]  # type: ignore[typeddict-item]
+        return out
+
     def remember(self, kind: EntityKind, key: str, entity: Entity | None) -> None:
-        if entity is None:
+        self.restore(kind, key, None if entity is None else self.summary(kind, entity))
+
+    def restore(self, kind: EntityKind, key: str, summary: dict[str, Any] | None) -> None:
+        """Take a published state's summary (None: the entity is gone, and everything about it goes too)."""
+        if summary is None:
             self.fingerprints.pop(key, None)
         else:
-            self.fingerprints[key] = fingerprint(entity)
+            self.fingerprints[key] = summary["fp"]
         if kind == "RUN":
             run_id = key.split(":", 1)[1]
-            if entity is not None and entity["status"] in ACTIVE_STATUSES:  # type: ignore[typeddict-item]
+            if summary is not None and summary.get("active"):
                 self.active_runs.add(run_id)
             else:
                 self.active_runs.discard(run_id)
+            if summary is None:
+                self.versions_by_run.pop(run_id, None)
         elif kind == "MODEL_VERSION":
             name, _, version = key.split(":", 1)[1].rpartition("/")
             previous_run = self.run_of_version.pop((name, version), None)
             if previous_run is not None:
-                self.versions_by_run.get(previous_run, set()).discard((name, version))
-            if entity is None:
-                self.versions_by_model.get(name, set()).discard(version)
+                _discard(self.versions_by_run, previous_run, (name, version))
+            if summary is None:
+                _discard(self.versions_by_model, name, version)
                 self.version_own.pop(key, None)
                 return
-            self.version_own[key] = version_own_fingerprint(entity)  # type: ignore[arg-type]
+            self.version_own[key] = summary["own"]
             self.versions_by_model.setdefault(name, set()).add(version)
-            run_id = entity["run_id"]  # type: ignore[typeddict-item]
+            run_id = summary.get("run_id")
             if run_id:
                 self.versions_by_run.setdefault(run_id, set()).add((name, version))
                 self.run_of_version[(name, version)] = run_id
 
     def refs_of_run(self, run_id: str) -> list[ModelVersionRef]:
         return [{"name": n, "version": v} for n, v in sorted(self.versions_by_run.get(run_id, ()))]
+
+
+def _discard(index: dict[Any, set[Any]], key: Any, item: Any) -> None:
+    """Drop `item` from the set at `key`, and the key when its set is empty: deleted entities leave no trace."""
+    items = index.get(key)
+    if items is not None:
+        items.discard(item)
+        if not items:
+            del index[key]
 
 
 @dataclass
@@ -159,8 +191,14 @@ def _max(values: Iterable[int | None]) -> int | None:
     return max(present) if present else None
 
 
-def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_ms: int = OVERLAP_MS) -> ChangeSet:
+def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_ms: int = OVERLAP_MS,
+                 now_ms: int | None = None, clock_skew_ms: int = CLOCK_SKEW_MS) -> ChangeSet:
+    """What changed since the watermarks. `now_ms` is the producer's clock: a run's `start_time` comes
+    from the clock of whoever logged it, so the runs watermark never passes the producer's own clock,
+    and runs are looked for down to `clock_skew_ms` before it (a run logged by a client whose clock is
+    behind by up to that much is still found)."""
     out = ChangeSet()
+    now = int(time.time() * 1000) if now_ms is None else now_ms
 
     def since(mark: int | None) -> int | None:
         return None if mark is None else _since(mark, overlap_ms)
@@ -193,9 +231,8 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
         != version_own_fingerprint(model_version_state(v, [], None))
     }
     if changed_models:
-        quoted = ", ".join(f"'{_quote(n)}'" for n in changed_models)
         listed: dict[str, set[str]] = {n: set() for n in changed_models}
-        for page in reader.model_versions(filter_string=f"name IN ({quoted})"):
+        for page in reader.model_versions_of(changed_models):
             for v in page:
                 versions[(v.name, str(v.version))] = v
                 listed[v.name].add(str(v.version))
@@ -208,8 +245,9 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
     # Runs: new ones, those still active, those of changed experiments (they carry its name).
     runs: dict[str, MlflowRun] = {}
     ids = list(names)
-    for page in reader.runs(ids, filter_string=f"attributes.start_time >= {since(marks.runs)}"
-                            if marks.runs is not None else ""):
+    runs_since = None if marks.runs is None else min(marks.runs, now) - overlap_ms - clock_skew_ms
+    for page in reader.runs(ids, filter_string=f"attributes.start_time >= {runs_since}"
+                            if runs_since is not None else ""):
         runs.update((r.info.run_id, r) for r in page)
     if changed_experiments and marks.experiments is not None:
         for page in reader.runs(changed_experiments):
@@ -228,7 +266,7 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
         experiments=_max(e.last_update_time for e in experiments),
         registered_models=_max(m.last_updated_timestamp for m in models),
         model_versions=_max(v.last_updated_timestamp for v in listed_versions),
-        runs=_max(r.info.start_time for r in runs.values()),
+        runs=_max(min(r.info.start_time, now) if r.info.start_time else None for r in runs.values()),
         logged_models=_max(m.last_updated_timestamp for m in logged),
     )
     return out
@@ -261,12 +299,12 @@ def _assemble(reader: MlflowReader, known: Known, names: dict[str, str], model_s
             out.entities.append(("RUN", state))
     # The versions a changed run produced carry its params and metrics: re-read them too.
     from_runs = [r for r in changed_runs if known.versions_by_run.get(r)]
-    for start in range(0, len(from_runs), 100):
-        quoted = ", ".join(f"'{r}'" for r in from_runs[start:start + 100])
-        for page in reader.model_versions(filter_string=f"run_id IN ({quoted})"):
+    if from_runs:
+        for page in reader.model_versions_of_runs(from_runs):
             versions.update(((v.name, str(v.version)), v) for v in page)
-    for name in {n for n, _ in versions} - set(model_states):
-        for page in reader.registered_models(filter_string=f"name = '{_quote(name)}'"):
+    missing = {n for n, _ in versions} - set(model_states)
+    if missing:
+        for page in reader.registered_models_named(missing):
             for m in page:
                 model_states[m.name] = registered_model_state(m)
     aliases = {name: aliases_by_version(state) for name, state in model_states.items()}
@@ -275,19 +313,13 @@ def _assemble(reader: MlflowReader, known: Known, names: dict[str, str], model_s
         out.entities.append(("MODEL_VERSION", model_version_state(v, aliases.get(name, {}).get(version, []), run)))
 
 
-def _quote(name: str) -> str:
-    return name.replace("'", "\\'")
-
-
 def read_model(reader: MlflowReader, known: Known, names: dict[str, str], model_name: str) -> ChangeSet:
     """A targeted read of one registered model, its versions and the runs they came from (a webhook
     says something changed there). A model or version that is gone yields its DELETE."""
     out = ChangeSet()
     model_states = {m.name: registered_model_state(m)
-                    for page in reader.registered_models(filter_string=f"name = '{_quote(model_name)}'")
-                    for m in page}
-    versions = {(v.name, str(v.version)): v
-                for page in reader.model_versions(filter_string=f"name = '{_quote(model_name)}'") for v in page}
+                    for page in reader.registered_models_named([model_name]) for m in page}
+    versions = {(v.name, str(v.version)): v for page in reader.model_versions_of([model_name]) for v in page}
     present = {version for _, version in versions}
     for gone in sorted(known.versions_by_model.get(model_name, set()) - present):
         out.deleted_keys.append(model_version_key(model_name, gone))

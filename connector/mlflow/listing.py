@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 
@@ -105,19 +106,29 @@ def _read_registry_once(reader: MlflowReader) -> RegistryIndex:
     return index
 
 
-def full_listing(reader: MlflowReader, progress_every: int = 5000) -> Iterator[tuple[EntityKind, Entity]]:
+class Totals(Protocol):
+    """Told how many objects of a kind MLflow has, once the listing knows (progress displays)."""
+
+    def total(self, kind: str, count: int) -> None: ...
+
+
+def full_listing(reader: MlflowReader, totals: Totals | None = None) -> Iterator[tuple[EntityKind, Entity]]:
     """Every entity of MLflow, in dependency order. Raises MlflowUnavailable if a read fails:
     a listing that did not run to its end is never mistaken for a complete one."""
+    experiments = [e for page in reader.experiments() for e in page]
+    if totals is not None:
+        totals.total("EXPERIMENT", len(experiments))
     experiment_names: dict[str, str] = {}
-    for page in reader.experiments():
-        for experiment in page:
-            experiment_names[str(experiment.experiment_id)] = experiment.name
-            yield "EXPERIMENT", experiment_state(experiment)
+    for experiment in experiments:
+        experiment_names[str(experiment.experiment_id)] = experiment.name
+        yield "EXPERIMENT", experiment_state(experiment)
     index = read_registry(reader)
+    if totals is not None:
+        totals.total("REGISTERED_MODEL", len(index.models))
+        totals.total("MODEL_VERSION", len(index.versions))
     for model in index.models.values():
         yield "REGISTERED_MODEL", model
     emitted_versions: set[tuple[str, str]] = set()
-    runs = 0
     # The first page small, so that the first events are on their way (and the consumer at work)
     # while MLflow still searches; each next page requested while this one is worked on.
     for page in reader.runs(list(experiment_names), first_page=FIRST_RUNS_PAGE, prefetch=True):
@@ -125,9 +136,6 @@ def full_listing(reader: MlflowReader, progress_every: int = 5000) -> Iterator[t
             state = run_state(run, experiment_names.get(str(run.info.experiment_id), ""),
                               index.refs_of_run(run.info.run_id))
             yield "RUN", state
-            runs += 1
-            if runs % progress_every == 0:
-                log.info("listing: %d runs read", runs)
             for version in index.by_run.get(run.info.run_id, []):
                 emitted_versions.add((version.name, str(version.version)))
                 yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run_summary(state))

@@ -1,36 +1,55 @@
 """MLflow edge: bulk, paged reads of the tracking server and the model registry.
 
-Every listing is a paged search (no call per object). Transient failures (connection refused,
-timeouts, 5xx) are retried with exponential backoff and one log line per attempt; MLflow's own
-HTTP layer already honours 429 with Retry-After. A listing that still fails raises
-`MlflowUnavailable`, so callers can tell an outage from an empty store.
+Every listing is a paged search (no call per object). Failures are classified in one place
+(`classify`), by HTTP status and exception type, never by the words of a message:
+
+* no useful answer (no connection, a reset, a timeout, HTTP 5xx, 408 or 429, or a 200 whose body is
+  empty, an HTML page or cut off): retried with exponential backoff and one log line per attempt
+  (MLflow's own HTTP layer already honours 429 with Retry-After); `MlflowUnavailable` when the
+  retries run out, so callers can tell an outage from an empty store;
+* HTTP 401 or 403: `AuthenticationFailed` at once (retrying cannot help);
+* another HTTP 4xx, or JSON that MLflow's client cannot read: `RequestFailed` at once, both a kind of
+  `MlflowUnavailable` (a listing that meets it is incomplete) and an MlflowException with the status;
+* HTTP 404: MLflow's own error, raised as is (no such object, or an API the server lacks: the
+  caller knows which it asked for).
+
+MLflow's client takes an empty 200 for an empty answer (`{}`), which would read as the last, empty
+page of a listing; within `MlflowReader.call` the answer check is stricter (`_checked_answer`).
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote_plus, urlsplit
 
+import requests
 from mlflow.entities import Experiment, LoggedModel, Run, ViewType
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.protos.databricks_pb2 import ErrorCode
 from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
 from mlflow.store.tracking.rest_store import RestStore as TrackingRestStore
 from mlflow.tracking._model_registry.utils import _get_store as registry_store_of
 from mlflow.tracking._tracking_service.utils import _get_store as tracking_store_of
+from mlflow.utils import rest_utils
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import MlflowHostCreds
 
 from connector.config import ConnectorConfig
 from connector.errors import OperatorError, first_line
+from connector.redaction import without_credentials
 
 log = logging.getLogger("connector.mlflow_reader")
 
@@ -53,7 +72,23 @@ _HTTP_DEFAULTS = {
 
 
 class MlflowUnavailable(OperatorError):
-    """MLflow did not answer a listing after the configured retries."""
+    """MLflow did not answer a request usefully after the configured retries."""
+
+
+class RequestFailed(MlflowUnavailable, MlflowException):
+    """MLflow answered a request with an error that the same request would get again (an HTTP 4xx other
+    than 401, 403, 404, 408 and 429), or with JSON its client cannot read. A kind of MlflowUnavailable (a
+    listing that meets it is incomplete) and of MlflowException: `http_status` gives the status (None for
+    an unreadable answer), `error_code` MLflow's."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        code = cause.error_code if isinstance(cause, MlflowException) else "INTERNAL_ERROR"
+        MlflowException.__init__(self, message, error_code=ErrorCode.Value(code if code in ErrorCode.keys()
+                                                                           else "INTERNAL_ERROR"))
+        self.status = http_status(cause)
+
+    def get_http_status_code(self) -> int | None:  # type: ignore[override]
+        return self.status
 
 
 @dataclass(frozen=True)
@@ -110,17 +145,168 @@ class AuthenticationFailed(OperatorError):
     """MLflow refused the reader's credentials (HTTP 401) or access (HTTP 403): retrying cannot help."""
 
 
-def http_status(error: Exception) -> int | None:
+def http_status(error: BaseException) -> int | None:
     """The HTTP status behind an MLflow client error: MLflow maps every answer's status to an error code
     and back (a request that got no answer at all is an INTERNAL_ERROR, 500)."""
     return error.get_http_status_code() if isinstance(error, MlflowException) else None
 
 
-def _is_transient(error: Exception) -> bool:
+def does_not_exist(error: BaseException) -> bool:
+    """MLflow's own answer that the object asked for does not exist: HTTP 404 with its error code
+    RESOURCE_DOES_NOT_EXIST. A 404 without it (a proxy's page for a path it does not route, or a server
+    without the API) says nothing about the object."""
+    return http_status(error) == 404 and getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+# -- what went wrong, in one place -----------------------------------------------------------------
+
+Fault = Literal["refused", "transient", "failed", "answer"]
+TRANSIENT_STATUSES = frozenset({408, 429})  # and every status from 500 on
+
+
+class UnusableAnswer(Exception):
+    """A 200 whose body is no JSON at all: empty, an HTML page, or cut off. Raised by `_checked_answer`
+    within `MlflowReader.call` (MLflow's client takes an empty body for an empty answer)."""
+
+    def __init__(self, endpoint: str, body: Literal["empty", "html", "not json"]) -> None:
+        super().__init__(f"{endpoint}: {body}")
+        self.endpoint = endpoint
+        self.body = body
+
+    def phrase(self) -> str:
+        if self.body == "html":
+            return "answered an HTML page where JSON was expected (a login page of a proxy in front of MLflow?)"
+        if self.body == "empty":
+            return "answered an empty body where JSON was expected"
+        return "answered a body that is not JSON (cut off?)"
+
+
+def classify(error: BaseException, answered: bool = False) -> Fault:
+    """What a failed request means, from its HTTP status and exception types (never a message's words):
+
+    - "refused": HTTP 401 or 403;
+    - "transient": no useful answer: no connection, a reset, a timeout, a body cut off (MLflow's
+      client reports each as INTERNAL_ERROR, 500), HTTP 5xx, 408 or 429, a 200 with an empty, HTML
+      or non-JSON body;
+    - "failed": an error the same request would get again: another HTTP 4xx, or an answer that came
+      (`answered`: it passed the answer check) and that MLflow's client could not read;
+    - "answer": raised as is: HTTP 404 (no such object, or an API the server lacks), and an error of
+      the caller's own before any answer came (a bug keeps its traceback)."""
     status = http_status(error)
+    if status in (401, 403):
+        return "refused"
+    if isinstance(error, UnusableAnswer):
+        return "transient"
     if status is not None:
-        return status >= 500 or status == 429
-    return isinstance(error, (ConnectionError, TimeoutError, OSError))
+        if status >= 500 or status in TRANSIENT_STATUSES:
+            return "transient"
+        return "answer" if status == 404 else "failed"
+    if isinstance(error, (OSError, requests.exceptions.RequestException, http.client.HTTPException)):
+        return "transient"  # a store other than MLflow's REST client (those are MlflowExceptions)
+    return "failed" if answered else "answer"
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and what it wraps: causes, contexts, and exceptions among its arguments (urllib3 and
+    requests nest the socket's error in their own)."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending and len(seen) < 20:
+        e = pending.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        nested = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+        pending += [n for n in nested if isinstance(n, BaseException)]
+
+
+_NO_ANSWER: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+    ((requests.exceptions.ChunkedEncodingError, http.client.IncompleteRead),
+     "answered a body that was cut off (the connection closed mid-body)"),
+    ((ConnectionRefusedError,), "is unreachable (connection refused)"),
+    ((ConnectionResetError, ConnectionAbortedError, BrokenPipeError), "is unreachable (connection reset)"),
+    ((socket.gaierror,), "is unreachable (host name not resolved)"),
+    ((requests.exceptions.Timeout, TimeoutError), "is unreachable (timed out)"),
+    ((http.client.RemoteDisconnected,), "is unreachable (connection closed without an answer)"),
+    ((requests.exceptions.ConnectionError, OSError), "is unreachable (no connection)"),
+)
+
+
+def _no_answer(error: BaseException) -> str | None:
+    """Why no whole answer came, from the exception types; None when one came."""
+    causes = list(_causes(error))
+    if any(isinstance(c, requests.exceptions.RetryError) for c in causes):
+        return None  # HTTP error answers, retried by MLflow's client: the status says which
+    return next((reason for types, reason in _NO_ANSWER if any(isinstance(c, types) for c in causes)), None)
+
+
+def describe(error: BaseException) -> str:
+    """A failed request in one line, to follow "MLflow at <uri> ": what MLflow answered, or why it did
+    not (the messages of MLflow's client repeat the URL and whole response bodies)."""
+    if isinstance(error, UnusableAnswer):
+        return error.phrase()
+    if isinstance(error, OperatorError):  # the reader's own errors: one line already
+        return first_line(error, 300)
+    reason = _no_answer(error)
+    if reason is not None:
+        return reason
+    if any(isinstance(c, requests.exceptions.RetryError) for c in _causes(error)):
+        return "answered HTTP 5xx, 408 or 429 to every attempt of its client"  # urllib3 keeps no status
+    status = http_status(error)
+    if isinstance(error, RestException):  # MLflow's JSON error: its message starts with its error code
+        return f"answered HTTP {status} ({first_line(Exception(error.message), 150)})"
+    if status is not None:
+        return f"answered HTTP {status}"
+    return f"answered what its client cannot read ({type(error).__name__}: {first_line(error, 150)})"
+
+
+READ_FAILURES: tuple[type[Exception], ...] = (MlflowUnavailable, AuthenticationFailed, MlflowException)
+"""What a read through `MlflowReader.call` can fail with, MLflow's answer or its silence, once the retries are
+done: a long-running reader logs it (`failure`), backs off and tries again; it never ends the process."""
+
+
+def failure(error: BaseException, uri: str) -> str:
+    """One of READ_FAILURES in one line (the reader's own errors are; MLflow's 404 repeats a response body)."""
+    if isinstance(error, OperatorError):
+        return first_line(error, 400)
+    return f"MLflow at {without_credentials(uri)} {describe(error)}"
+
+
+class _Exchange:
+    """One request within `MlflowReader.call`: whether an answer came that passed the answer check."""
+
+    answered = False
+
+
+_exchange: ContextVar[_Exchange | None] = ContextVar("mlflow_exchange", default=None)
+_retry_limit: ContextVar[float | None] = ContextVar("mlflow_retry_limit", default=None)
+_mlflow_verify = getattr(rest_utils.verify_rest_response, "__wrapped__", rest_utils.verify_rest_response)
+
+
+def _checked_answer(response: requests.Response, endpoint: str, expected_status: int = 200) -> requests.Response:
+    """MLflow's answer check (`rest_utils.verify_rest_response`), stricter within `MlflowReader.call`: a 200
+    whose body is empty (MLflow's client takes it for `{}`, an empty page), an HTML page or not JSON raises
+    `UnusableAnswer`. Other MLflow clients in the process (outside `call`) get MLflow's check unchanged."""
+    exchange = _exchange.get()
+    if exchange is None or expected_status != 200 or response.status_code != 200:
+        return _mlflow_verify(response, endpoint, expected_status)
+    content = response.content or b""
+    if not content or content.isspace():
+        raise UnusableAnswer(endpoint, "empty")
+    if "text/html" in response.headers.get("Content-Type", "").lower() or content[:256].lstrip()[:1] == b"<":
+        raise UnusableAnswer(endpoint, "html")
+    try:
+        checked = _mlflow_verify(response, endpoint, expected_status)
+    except MlflowException:  # with status 200, MLflow raises only for a body that is not a JSON object
+        raise UnusableAnswer(endpoint, "not json") from None
+    exchange.answered = True
+    return checked
+
+
+# MLflow's call_endpoint looks the check up in rest_utils at each request: the REST stores use this one.
+_checked_answer.__wrapped__ = _mlflow_verify  # type: ignore[attr-defined]
+rest_utils.verify_rest_response = _checked_answer
 
 
 def _same_origin(a: str, b: str) -> bool:
@@ -169,6 +355,110 @@ def is_prompt(tags: Any) -> bool:
     return any(getattr(t, "key", None) == PROMPT_TAG and str(t.value).lower() == "true" for t in tags or [])
 
 
+# -- filter strings ------------------------------------------------------------------------------
+#
+# MLflow reads a filter with sqlparse. A value is quoted with ' or " and is the text between its
+# quotes as it stands: there is no escape (`name = 'O\'Brien'` looks for `O\'Brien`), and a value
+# ending in a backslash is read as escaping its closing quote when anything follows it. A list
+# (`IN (...)`) is then read with Python's `ast.literal_eval`, where a backslash *is* an escape
+# (`'a\n'` is a line break, `'a\'` leaves the list "ill-formed": HTTP 400). MLflow 2.x takes lists
+# for run ids only. So a value is quoted with the quote character it does not contain; a value no
+# quote can hold exactly is looked for with a coarser LIKE pattern; and every answer is selected
+# exactly here (MySQL's `=` and `IN` ignore case, LIKE matches more).
+
+MAX_FILTER_URL_BYTES = 3000
+"""A filter's share of a request line, URL-encoded. search_model_versions and search_registered_models
+send their filter in a GET's query string, and gunicorn (MLflow 2.x's default server) refuses request
+lines over 4094 bytes; the method, path, page token and ordering stay well within the other 1,094."""
+
+_QUOTES = ("'", '"')
+_NOT_IN_A_LIST = ("\\", "\n", "\r", "\x00")  # an escape, or the end of the literal, to ast.literal_eval
+_LIKE_WILDCARD_FOR = ("'", '"', "\\")  # unquotable, or LIKE's escape character (PostgreSQL, MySQL)
+
+
+def url_bytes(text: str) -> int:
+    """The length of `text` in a URL's query string, encoded as MLflow's client (requests) encodes it."""
+    return len(quote_plus(text))
+
+
+def quoted(value: str, in_list: bool = False) -> str | None:
+    """`value` as a filter literal MLflow reads back exactly, quoted with a quote character it does
+    not contain; None if there is none (it holds both), if it ends in a backslash, or, for a list
+    (`in_list`), if it holds a backslash, a line break or a NUL."""
+    if value.endswith("\\") or (in_list and any(c in value for c in _NOT_IN_A_LIST)):
+        return None
+    for quote in _QUOTES:
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    return None
+
+
+def like_pattern(value: str, budget: int = MAX_FILTER_URL_BYTES) -> str:
+    """A LIKE pattern that matches `value` (and maybe more), always quotable with `'`: quotes and
+    backslashes become `_` (any one character), `%` and `_` of the value match themselves among
+    others. Longer than `budget` URL-encoded bytes, it is cut and ends in `%`."""
+    pattern = "".join("_" if c in _LIKE_WILDCARD_FOR else c for c in value)
+    if url_bytes(pattern) <= budget:
+        return pattern
+    used, cut = url_bytes("%"), []
+    for c in pattern:
+        used += url_bytes(c)
+        if used > budget:
+            break
+        cut.append(c)
+    return "".join(cut) + "%"
+
+
+@dataclass(frozen=True)
+class ValueSearch:
+    """One filtered search for some values of a key; of MLflow's answer, only the objects whose value
+    is one of `values` are kept."""
+
+    filter_string: str
+    values: frozenset[str]
+    is_list: bool = False
+
+
+def value_searches(key: str, values: Iterable[str], lists: bool = True,
+                   budget: int = MAX_FILTER_URL_BYTES) -> list[ValueSearch]:
+    """Searches that together find every object whose `key` is one of `values`, each filter within
+    `budget` URL-encoded bytes: `key IN (...)` lists packed by encoded length (if `lists`); `key = `
+    for a value a list cannot hold; `key LIKE` for a value no quote can hold, or too long."""
+    out: list[ValueSearch] = []
+    batch: list[tuple[str, str]] = []  # (value, literal) of the list being packed
+    head, tail, comma = url_bytes(f"{key} IN ("), url_bytes(")"), url_bytes(", ")
+    used = 0
+
+    def single(value: str) -> ValueSearch:
+        literal = quoted(value)
+        if literal is not None and url_bytes(f"{key} = {literal}") <= budget:
+            return ValueSearch(f"{key} = {literal}", frozenset([value]))
+        prefix, end = f"{key} LIKE '", "'"
+        pattern = like_pattern(value, budget - url_bytes(prefix) - url_bytes(end))
+        return ValueSearch(f"{prefix}{pattern}{end}", frozenset([value]))
+
+    def flush() -> None:
+        if len(batch) == 1:  # one value: a comparison, which every server takes
+            out.append(single(batch[0][0]))
+        elif batch:
+            out.append(ValueSearch(f"{key} IN ({', '.join(literal for _, literal in batch)})",
+                                   frozenset(value for value, _ in batch), is_list=True))
+        batch.clear()
+
+    for value in sorted(set(values)):
+        literal = quoted(value, in_list=True) if lists else None
+        if literal is None or head + url_bytes(literal) + tail > budget:
+            out.append(single(value))
+            continue
+        size = url_bytes(literal)
+        if batch and used + comma + size + tail > budget:
+            flush()
+        used = used + comma + size if batch else head + size
+        batch.append((value, literal))
+    flush()
+    return out
+
+
 class MlflowReader:
     def __init__(self, settings: ReaderSettings) -> None:
         for name, value in _HTTP_DEFAULTS.items():
@@ -183,35 +473,58 @@ class MlflowReader:
     # -- the retry loop --------------------------------------------------------------------------
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """One MLflow request, retried with backoff while MLflow is unreachable."""
+        """One MLflow request, retried with backoff while MLflow gives no useful answer (see `classify`):
+        `MlflowUnavailable` when the retries run out (`retry_for_seconds`, or `retrying_for`); at once,
+        `AuthenticationFailed` for HTTP 401/403 and `RequestFailed` for what the same request would get
+        again; HTTP 404 is raised as MLflow's own error."""
         delay = self.settings.retry_initial_seconds
         started = time.monotonic()
         attempt = 0
+        uri = without_credentials(self.settings.tracking_uri)
         while True:
             self.limiter.wait()
             self.requests += 1
             self.requests_by_call[what] += 1
+            exchange = _Exchange()
+            token = _exchange.set(exchange)
             try:
                 result = fn(*args, **kwargs)
                 if attempt:
                     log.info("MLflow answers again (%s) after %.0f s", what, time.monotonic() - started)
                 return result
             except Exception as e:
-                if http_status(e) in (401, 403):
+                fault = classify(e, exchange.answered)
+                if fault == "refused":
                     raise self._refused(what, http_status(e)) from None  # type: ignore[arg-type]
-                if not _is_transient(e):
+                if fault == "answer":
                     raise
+                if fault == "failed":
+                    raise RequestFailed(f"MLflow at {uri} {describe(e)} for {what}", e) from e
                 attempt += 1
                 waited = time.monotonic() - started
-                limit = self.settings.retry_for_seconds
+                limit = self._retry_for()
                 if limit is not None and waited >= limit:
-                    raise MlflowUnavailable(
-                        f"MLflow at {self.settings.tracking_uri} did not answer {what} for {waited:.0f} s: "
-                        f"{first_line(e, 200)}") from None
-                log.warning("MLflow at %s unreachable (%s: %s); retry %d in %.0f s", self.settings.tracking_uri, what,
-                            _reason(e), attempt, delay)
+                    raise MlflowUnavailable(f"MLflow at {uri} did not answer {what} usefully for {waited:.0f} s (last "
+                                            f"attempt: it {describe(e)})") from None
+                log.warning("MLflow at %s %s for %s; retry %d in %.3g s", uri, describe(e), what, attempt, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
+            finally:
+                _exchange.reset(token)
+
+    def _retry_for(self) -> float | None:
+        limit, within = self.settings.retry_for_seconds, _retry_limit.get()
+        return within if limit is None else limit if within is None else min(limit, within)
+
+    @contextmanager
+    def retrying_for(self, seconds: float) -> Iterator[None]:
+        """Within it (in this thread), each request is retried for at most `seconds` (or the configured
+        limit, if shorter): for targeted reads, which must not hold up the rest while MLflow fails them."""
+        token = _retry_limit.set(seconds)
+        try:
+            yield
+        finally:
+            _retry_limit.reset(token)
 
     def _refused(self, what: str, status: int) -> AuthenticationFailed:
         s = self.settings
@@ -235,11 +548,11 @@ class MlflowReader:
 
         token, size = None, min(first_page or max_results, max_results)
         with ThreadPoolExecutor(1, thread_name_prefix="mlflow-prefetch") as pool:  # a thread only once used
-            pending = pool.submit(fetch, token, size) if prefetch else None
+            pending = pool.submit(copy_context().run, fetch, token, size) if prefetch else None
             while True:
                 page = pending.result() if pending is not None else fetch(token, size)
                 token, size = page.token, min(size * 10, max_results)
-                pending = pool.submit(fetch, token, size) if prefetch and token else None
+                pending = pool.submit(copy_context().run, fetch, token, size) if prefetch and token else None
                 yield list(page)
                 if not token:
                     return
@@ -267,14 +580,55 @@ class MlflowReader:
                 first_page=first_page, prefetch=prefetch,
             )
 
-    def runs_by_id(self, experiment_ids: Sequence[str], run_ids: Sequence[str]) -> list[Run]:
+    # -- searches for given values (filter strings: see value_searches) ---------------------------
+
+    # Searches whose server refused a list of values (HTTP 400; MLflow 2.x takes lists for run ids
+    # only): asked one value at a time from then on.
+    lists_refused: frozenset[str] = frozenset()
+
+    def _by_values(self, what: str, search: Callable[[str], Iterator[list[T]]], key: str, values: Iterable[str],
+                   value_of: Callable[[T], str]) -> Iterator[list[T]]:
+        """Pages of `search(filter_string)` for every object whose `key` is one of `values`, and no
+        other object (MLflow's answer is selected exactly: see value_searches)."""
+        scope = f"{what} {key}"
+        pending = value_searches(key, values, lists=scope not in self.lists_refused)
+        while pending:
+            one = pending.pop(0)
+            answered = False
+            try:
+                for page in search(one.filter_string):
+                    answered = True
+                    yield [item for item in page if value_of(item) in one.values]
+            except MlflowException as e:
+                if not one.is_list or answered or http_status(e) != 400:
+                    raise
+                self.lists_refused = self.lists_refused | {scope}
+                log.info("MLflow at %s takes no list in %s filters (%s); asking for one %s at a time",
+                         self.settings.tracking_uri, what, first_line(e, 120), key)
+                pending = value_searches(key, one.values, lists=False) + pending
+
+    def runs_by_id(self, experiment_ids: Sequence[str], run_ids: Iterable[str]) -> list[Run]:
+        """The runs with these ids among the experiments' (deleted ones included); unknown ids are left out."""
         found: list[Run] = []
-        ids = list(dict.fromkeys(run_ids))
-        for start in range(0, len(ids), 100):
-            quoted = ", ".join(f"'{r}'" for r in ids[start:start + 100])
-            for page in self.runs(experiment_ids, filter_string=f"attributes.run_id IN ({quoted})"):
-                found.extend(page)
+        for page in self._by_values("search_runs", lambda f: self.runs(experiment_ids, filter_string=f),
+                                    "attributes.run_id", run_ids, lambda r: r.info.run_id):
+            found.extend(page)
         return found
+
+    def registered_models_named(self, names: Iterable[str]) -> Iterator[list[RegisteredModel]]:
+        """The registered models of these names (prompts left out), a page at a time."""
+        return self._by_values("search_registered_models", lambda f: self.registered_models(filter_string=f),
+                               "name", names, lambda m: m.name)
+
+    def model_versions_of(self, names: Iterable[str]) -> Iterator[list[ModelVersion]]:
+        """Every version of the registered models of these names, a page at a time."""
+        return self._by_values("search_model_versions", lambda f: self.model_versions(filter_string=f),
+                               "name", names, lambda v: v.name)
+
+    def model_versions_of_runs(self, run_ids: Iterable[str]) -> Iterator[list[ModelVersion]]:
+        """Every model version registered from these runs, a page at a time."""
+        return self._by_values("search_model_versions", lambda f: self.model_versions(filter_string=f),
+                               "run_id", run_ids, lambda v: v.run_id or "")
 
     def registered_models(self, filter_string: str | None = None, order_by: list[str] | None = None,
                           first_page: int | None = None) -> Iterator[list[RegisteredModel]]:
@@ -310,15 +664,3 @@ class MlflowReader:
                                 filter_string=filter_string, max_results=self.settings.model_version_page_size,
                                 order_by=order_by, first_page=first_page):
             yield [v for v in page if not is_prompt(v.tags) and v.name not in self.prompt_names]
-
-
-
-def _reason(error: Exception) -> str:
-    """The cause of a failed request in a few words (MLflow's own message repeats the whole URL)."""
-    text = str(error)
-    for cause in ("Connection refused", "timed out", "Name or service not known", "Connection reset",
-                  "Remote end closed connection", "429", "502", "503", "504", "500"):
-        if cause in text:
-            return {"429": "HTTP 429 Too Many Requests", "500": "HTTP 500", "502": "HTTP 502", "503": "HTTP 503",
-                    "504": "HTTP 504"}.get(cause, cause)
-    return first_line(error, 200)

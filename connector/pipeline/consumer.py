@@ -25,7 +25,10 @@ from datahub.emitter.mcp import MetadataChangeProposalWrapper
 
 from connector.config import ConnectorConfig
 from connector.contract import codec
-from connector.datahub.decisions import Entry, PartitionState, Policy, decide
+from connector.contract.envelope import changed_at_ms
+from connector.contract.events import ChangeEvent
+from connector.datahub.decisions import Entry, PartitionState, Policy, decide, still_seen
+from connector.datahub.mapping import UrnTooLong
 from connector.datahub.oversize import fit_to_size
 from connector.errors import first_line
 from connector.kafka import state_store
@@ -33,6 +36,8 @@ from connector.kafka.clients import KafkaConnection
 from connector.kafka.mcp_serde import McpSerializer, RegistryUnavailable
 from connector.kafka.reading import consume_batch
 from connector.kafka.transactions import TransactionalWriter, WriterWedged, kafka_error
+from connector.observability.http import HEARTBEATS
+from connector.observability.metrics import METRICS
 
 log = logging.getLogger("connector.consumer")
 
@@ -41,6 +46,7 @@ log = logging.getLogger("connector.consumer")
 RECORD_OVERHEAD_BYTES = 512
 
 RETRY_MAX_SECONDS = 30.0
+LAG_SECONDS = 5.0  # how often the lag metric is measured
 
 @dataclass
 class ConsumerStats:
@@ -49,6 +55,7 @@ class ConsumerStats:
     unchanged: int = 0
     dead_letters: int = 0
     soft_deletes: int = 0
+    changed_at_ms: int | None = None  # when MLflow changed the newest entity written (source lag)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -59,6 +66,8 @@ class ConsumerStats:
         self.unchanged += other.unchanged
         self.dead_letters += other.dead_letters
         self.soft_deletes += other.soft_deletes
+        if other.changed_at_ms is not None:
+            self.changed_at_ms = max(self.changed_at_ms or 0, other.changed_at_ms)
 
 
 class _Undo:
@@ -146,14 +155,20 @@ class ChangeConsumer:
         self.consumer.subscribe([self.topics.changes], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         log.info("consumer %s reading %s into %s", self.instance_id, self.topics.changes, self.topics.mcp)
-        last_report = time.monotonic()
+        last_report = last_lag = time.monotonic()
         reported = 0
         try:
             while not stop.is_set():
+                HEARTBEATS.beat("consumer")
                 if should_stop is not None and should_stop(self):
                     break
+                if time.monotonic() - last_lag >= LAG_SECONDS:
+                    METRICS.consumer_lag.set(self._lag())
+                    last_lag = time.monotonic()
                 messages = consume_batch(self.consumer, self.cfg.consumer.batch_size, timeout=wait_seconds)
-                batch = [m for m in messages if not self._skip_error(m)]
+                # A rebalance inside consume() may revoke a partition whose records were already
+                # fetched: they are its next owner's, never processed here with an empty state.
+                batch = [m for m in messages if not self._skip_error(m) and m.partition() in self.states]
                 if batch:
                     self._process_batch(batch, stop)
                 if time.monotonic() - last_report >= progress_seconds and self.stats.events != reported:
@@ -161,8 +176,23 @@ class ChangeConsumer:
                              self.stats.events, sum(self.stats.mcps.values()), self.stats.unchanged)
                     last_report, reported = time.monotonic(), self.stats.events
         finally:
+            HEARTBEATS.forget("consumer")
             self.consumer.close()
         return self.stats
+
+    def _lag(self) -> int:
+        """Change events not yet consumed on this process's partitions (from the watermarks the fetches
+        already brought: no request)."""
+        lag = 0
+        for tp in self.consumer.assignment():
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                position = self.consumer.position([tp])[0].offset
+            except KafkaException:
+                continue
+            if high >= 0 and position >= 0:
+                lag += max(0, high - position)
+        return lag
 
     def _skip_error(self, msg: Message) -> bool:
         error = msg.error()
@@ -215,6 +245,8 @@ class ChangeConsumer:
             log.info("consumer: batch of %d events written after %d failed attempts", len(batch), self._failures)
             self._failures, self._delay = 0, 1.0
         self.positions.update(offsets)
+        METRICS.consumed(stats.events, dict(stats.mcps), stats.unchanged, stats.soft_deletes, stats.dead_letters,
+                         stats.changed_at_ms)
         for note in stats.notes:
             log.info("%s", note)
         for warning in stats.warnings:
@@ -251,13 +283,16 @@ class ChangeConsumer:
 
     def _process(self, msg: Message, undo: _Undo, stats: ConsumerStats) -> None:
         partition = msg.partition()
-        state = self.states.setdefault(partition, PartitionState())
+        state = self.states[partition]  # assigned: records of revoked partitions never get here
         try:
             event = codec.decode(msg.value())
+        except Exception as e:  # decoding is pure: what fails here is the record's fault
+            self._dead_letter(msg, e, stats=stats)
+            return
+        try:
             outcome = decide(event, state, self.policy, self.settings)
-        except Exception as e:  # decoding and mapping are pure: what fails here is the record's fault
-            self._dead_letter(msg, e)
-            stats.dead_letters += 1
+        except Exception as e:  # mapping is pure too
+            self._dead_letter(msg, e, event, undo, stats)
             return
         # Serialise (and fit) every MCP before writing any, so an event is written whole or not at
         # all. The registry being unreachable raises RegistryUnavailable: the batch is retried.
@@ -271,10 +306,10 @@ class ChangeConsumer:
             # This event's MCPs cannot be written (too large even when truncated, or not
             # serialisable): it must not block the partition, and must not vanish either.
             log.error("%s: its MCPs cannot be written (%s)", event["key"], first_line(e))
-            self._dead_letter(msg, e)
-            stats.dead_letters += 1
+            self._dead_letter(msg, e, event, undo, stats)
             return
         stats.events += 1
+        stats.changed_at_ms = max(stats.changed_at_ms or 0, changed_at_ms(event))
         stats.unchanged += outcome.skipped
         stats.notes.extend(outcome.notes)  # logged once the batch is committed
         stats.warnings.extend(outcome.warnings)
@@ -297,9 +332,27 @@ class ChangeConsumer:
             log.warning("%s", note)
         return mcp, key, value
 
-    def _dead_letter(self, msg: Message, error: Exception) -> None:
+    def _dead_letter(self, msg: Message, error: Exception, event: ChangeEvent | None = None,
+                     undo: _Undo | None = None, stats: ConsumerStats | None = None) -> None:
+        """The record to the dead-letter topic. An entity whose event could be read but not written
+        still exists in MLflow: what its key owns counts as seen by the open snapshot, so the
+        snapshot's end does not take it for gone (its last written state stays in DataHub)."""
+        if stats is not None:
+            stats.dead_letters += 1
+        if event is not None and undo is not None:
+            partition = msg.partition()
+            state = self.states[partition]
+            kept = still_seen(event, state)
+            if kept:
+                undo.remember(partition, state, kept)
+                state_store.write(self.writer, self.topics.state, partition, kept)
+                state.apply(kept)
+        self._send_dead_letter(msg, error)
+
+    def _send_dead_letter(self, msg: Message, error: Exception) -> None:
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-        log.warning("malformed change event at %s (%s): sent to %s", where, first_line(error), self.topics.dead_letter)
+        what = "change event not writable to DataHub" if isinstance(error, UrnTooLong) else "malformed change event"
+        log.warning("%s at %s (%s): sent to %s", what, where, first_line(error), self.topics.dead_letter)
         self.writer.produce(
             self.topics.dead_letter, msg.key(), msg.value(),
             headers=[("error", first_line(error).encode()), ("error.type", type(error).__name__.encode()),

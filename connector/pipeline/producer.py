@@ -1,10 +1,11 @@
 """Producer: MLflow -> change events on the change topic, exactly once.
 
-Events and the producer's own position (snapshot sequence, last complete snapshot, watermarks)
-are written in Kafka transactions, so a crash never leaves a position ahead of its events.
-On start-up the producer rebuilds what it has already published from the change topic itself
-(the latest event of each key) so that an unchanged entity is never published again, except
-by a complete snapshot, which re-reads everything (Debezium's READ events) between a
+Events and the producer's own position (snapshot sequence, last snapshot, watermarks) are written
+in Kafka transactions, so a crash never leaves a position ahead of its events. With them goes a
+small summary of each entity whose published state changed (its fingerprint and what the joins
+need), in the same compacted producer-offsets topic: on start-up the producer reads the position
+and the summaries, not the change topic's history, so an unchanged entity is never published again,
+except by a complete snapshot, which re-reads everything (Debezium's READ events) between a
 SNAPSHOT_BEGIN and a SNAPSHOT_END marker written to every partition.
 """
 
@@ -17,7 +18,8 @@ import threading
 import time
 from collections.abc import Iterable
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
@@ -31,35 +33,34 @@ from connector.kafka.clients import KafkaConnection
 from connector.kafka.reading import read_committed
 from connector.kafka.topics import CHANGE_EVENT_MAX_BYTES, partition_count
 from connector.kafka.transactions import TransactionalWriter
+from connector.mlflow.confirm import confirm_gone
 from connector.mlflow.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
 from connector.mlflow.listing import full_listing
-from connector.mlflow.reader import MlflowReader, MlflowUnavailable
+from connector.mlflow.reader import READ_FAILURES, AuthenticationFailed, MlflowReader, MlflowUnavailable, failure
+from connector.observability.http import HEARTBEATS
+from connector.observability.metrics import METRICS
+from connector.observability.progress import SnapshotProgress
+from connector.pipeline.position import Position, known_key, known_prefix, position_key
 from connector.pipeline.read_ahead import read_ahead
 
 log = logging.getLogger("connector.producer")
+
+# Failures of MLflow (connector/mlflow/reader.py READ_FAILURES) never end `run`: what failed is tried
+# again after a backoff, from the poll interval doubling up to this.
+BACKOFF_MAX_SECONDS = 60.0
+# Each request of a cycle is retried this long (a snapshot's, until MLflow answers); then the cycle fails
+# and is tried again after a backoff: a request MLflow keeps failing holds up no targeted read, nor a stop.
+CYCLE_RETRY_SECONDS = 60.0
+TARGETED_READ_RETRY_SECONDS = 10.0  # each request of a targeted read: retried this long, then the read waits
+TARGETED_READ_ATTEMPTS = 3  # failed targeted reads of one model (MLflow answering others) before it is skipped
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass
-class Position:
-    """The producer's position, stored in the producer-offsets topic."""
-
-    snapshot_seq: int = 0
-    last_snapshot_ms: int | None = None
-    watermarks: dict[str, int] = field(default_factory=dict)
-    partitions: int | None = None  # of the change topic when this position was written
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True).encode()
-
-    @staticmethod
-    def from_json(data: bytes) -> Position:
-        d = json.loads(data)
-        return Position(d.get("snapshot_seq", 0), d.get("last_snapshot_ms"), dict(d.get("watermarks") or {}),
-                        d.get("partitions"))
+class NotPublished(Exception):
+    """Entities of a snapshot that could not be published: the snapshot cannot count as complete."""
 
 
 @dataclass
@@ -83,7 +84,7 @@ class ChangeProducer:
         self.bootstrap = self.connection.bootstrap
         self.tracking_uri = reader.settings.tracking_uri
         self.registry_uri = reader.settings.registry_uri
-        self.position_key = f"position:{cfg.pipeline_name or 'mlflow-datahub'}".encode()
+        self.position_key = position_key(cfg)
         self.partitions = partition_count(self.connection.admin(), self.topics.changes)
         self.writer = TransactionalWriter(self.connection, f"{k.transactional_id_prefix}-producer", "producer",
                                           {"transaction.timeout.ms": 60000, "linger.ms": 20,
@@ -93,16 +94,33 @@ class ChangeProducer:
         self.published = self.known.fingerprints  # key -> fingerprint of the last published state
         self.experiment_names: dict[str, str] = {}
         self.refresh_requests: queue.Queue[str] = queue.Queue()  # registered model names (webhooks)
+        self.skipped_objects = 0  # targeted reads given up after failing again and again (for metrics)
+        self._read_failures: dict[str, int] = {}  # registered model name -> its targeted reads failed in a row
+        self._read_again_at: dict[str, float] = {}  # registered model name -> when its failed read is due again
+        self.live_progress: bool | None = None  # a live display of the first snapshot: None = on a terminal
         self._end_offsets: dict[int, int] = {}
+        self._unpublished: set[str] = set()  # keys whose latest event could not be published
         self._restore()
 
     # -- start-up --------------------------------------------------------------------------------
 
     def _restore(self) -> None:
+        """The position and what was published, from the producer-offsets topic: one compacted record
+        per entity (its summary), so a restart costs the same after one snapshot or after hundreds.
+        A change topic written by an earlier version without summaries is read once instead."""
         started = time.monotonic()
+        prefix = known_prefix(self.cfg)
+        summaries = 0
         for msg in read_committed(self.connection, self.topics.producer_offsets, role="producer position restore"):
-            if msg.key() == self.position_key and msg.value() is not None:
-                self.position = Position.from_json(msg.value())
+            key = msg.key() or b""
+            if key == self.position_key:
+                if msg.value() is not None:
+                    self.position = Position.from_json(msg.value())
+            elif key.startswith(prefix):
+                entity_key = key[len(prefix):].decode()
+                summary = json.loads(msg.value()) if msg.value() is not None else None
+                self._restore_summary(entity_key, summary)
+                summaries += 1
         if self.position.partitions not in (None, self.partitions):
             raise ConfigError(
                 f"kafka.topics.changes: {self.topics.changes} has {self.partitions} partitions, but the connector "
@@ -110,6 +128,25 @@ class ChangeProducer:
                 "partitions and their state with them; create new change and state topics and replay instead "
                 "(docs/operations.md)")
         self.position.partitions = self.partitions
+        if not self.position.known_summaries and self.position.snapshot_seq > 0:
+            self._restore_from_change_topic()
+        self.position.known_summaries = True
+        log.info("producer position restored: snapshot %d, %d entities published (%d records read in %.1f s)",
+                 self.position.snapshot_seq, len(self.published), summaries, time.monotonic() - started)
+
+    def _restore_summary(self, key: str, summary: dict[str, Any] | None) -> None:
+        kind = kind_of_key(key)
+        self.known.restore(kind, key, summary)
+        if kind == "EXPERIMENT":
+            experiment_id = key.split(":", 1)[1]
+            if summary is None:
+                self.experiment_names.pop(experiment_id, None)
+            else:
+                self.experiment_names[experiment_id] = summary["name"]
+
+    def _restore_from_change_topic(self) -> None:
+        """Once, after an upgrade: what was published, from the change topic itself; then written as
+        summaries, so that the next start reads those."""
         events = 0
         for msg in read_committed(self.connection, self.topics.changes, role="producer restore"):
             events += 1
@@ -118,8 +155,18 @@ class ChangeProducer:
             except codec.DecodeError:
                 continue
             self._remember(event)
-        log.info("producer position restored: snapshot %d, %d entities published (%d events read in %.1f s)",
-                 self.position.snapshot_seq, len(self.published), events, time.monotonic() - started)
+        log.info("no summaries of published entities yet: %d change events read; writing %d summaries", events,
+                 len(self.published))
+        keys = sorted(self.published)
+        for start in range(0, len(keys), 5000):
+            chunk = keys[start:start + 5000]
+
+            def fill(writer: TransactionalWriter, chunk: list[str] = chunk) -> None:
+                for key in chunk:
+                    writer.produce(self.topics.producer_offsets, known_key(self.cfg, key),
+                                   json.dumps(self._summary_of(key)).encode())
+
+            self.writer.transaction_with_retry(fill, f"{len(chunk)} summaries")
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -127,16 +174,46 @@ class ChangeProducer:
         if error is None and msg.key() == SNAPSHOT_MARKER_KEY.encode():
             self._end_offsets[msg.partition()] = msg.offset()
 
-    def _send(self, event: ChangeEvent, partition: int | None = None) -> None:
+    def _send(self, event: ChangeEvent, partition: int | None = None) -> bool:
+        """Queue the event (fitted to the topic's size); False when it cannot be published at all."""
         kwargs = {} if partition is None else {"partition": partition}
         try:
             event, value, note = fit_event(event, codec.encode, CHANGE_EVENT_MAX_BYTES - 64 * 1024)
         except ValueError as e:
             log.error("%s: not published (%s); its last published state stays in DataHub", event["key"], e)
-            return
+            self._unpublished.add(event["key"])
+            return False
         if note:
             log.warning("%s", note)
         self.writer.produce(self.topics.changes, event["key"].encode(), value, on_delivery=self._on_delivery, **kwargs)
+        return True
+
+    def _summary_write(self, writer: TransactionalWriter, event: ChangeEvent) -> None:
+        """The entity's summary into the producer-offsets topic, when it differs from the one there."""
+        if event["kind"] == "SNAPSHOT":
+            return
+        key = event["key"]
+        if event["after"] is None:
+            if key in self.published:
+                writer.produce(self.topics.producer_offsets, known_key(self.cfg, key), None)
+            return
+        summary = self.known.summary(event["kind"], event["after"])
+        if self.published.get(key) != summary["fp"]:
+            writer.produce(self.topics.producer_offsets, known_key(self.cfg, key), json.dumps(summary).encode())
+
+    def _summary_of(self, key: str) -> dict[str, Any]:
+        """The summary `Known` holds of a published key (for writing it again)."""
+        kind = kind_of_key(key)
+        summary: dict[str, Any] = {"kind": kind, "fp": self.published[key]}
+        if kind == "RUN":
+            summary["active"] = key.split(":", 1)[1] in self.known.active_runs
+        elif kind == "MODEL_VERSION":
+            name, _, version = key.split(":", 1)[1].rpartition("/")
+            summary["own"] = self.known.version_own.get(key)
+            summary["run_id"] = self.known.run_of_version.get((name, version))
+        elif kind == "EXPERIMENT":
+            summary["name"] = self.experiment_names.get(key.split(":", 1)[1], "")
+        return summary
 
     def _commit(self, events: Iterable[tuple[ChangeEvent, int | None]], position: Position | None = None) -> None:
         """One transaction: the events, then (optionally) the new position."""
@@ -144,11 +221,13 @@ class ChangeProducer:
 
         def fill(writer: TransactionalWriter) -> None:
             for event, partition in batch:
-                self._send(event, partition)
+                if self._send(event, partition):
+                    self._summary_write(writer, event)
             if position is not None:
                 writer.produce(self.topics.producer_offsets, self.position_key, position.to_json())
 
         self.writer.transaction_with_retry(fill, f"transaction of {len(batch)} events")
+        METRICS.produced((event["kind"], event["op"]) for event, _ in batch)
         for event, _ in batch:
             self._remember(event)
         if position is not None:
@@ -157,10 +236,15 @@ class ChangeProducer:
     def _remember(self, event: ChangeEvent) -> None:
         if event["kind"] == "SNAPSHOT":
             return
+        if event["key"] in self._unpublished:
+            return
         self.known.remember(event["kind"], event["key"], event["after"])  # type: ignore[arg-type]
-        if event["kind"] == "EXPERIMENT" and event["after"] is not None:
+        if event["kind"] == "EXPERIMENT":
             after = event["after"]
-            self.experiment_names[after["experiment_id"]] = after["name"]  # type: ignore[typeddict-item]
+            if after is not None:
+                self.experiment_names[after["experiment_id"]] = after["name"]  # type: ignore[typeddict-item]
+            else:
+                self.experiment_names.pop(event["key"].split(":", 1)[1], None)
 
     def _markers(self, op: str, snapshot_id: str, read_at: int, complete: bool = False,
                  entities: int = 0) -> list[tuple[ChangeEvent, int | None]]:
@@ -180,8 +264,11 @@ class ChangeProducer:
         summary = SnapshotSummary(snapshot_id, complete=False)
         self._end_offsets = {}
         self._commit(self._markers("SNAPSHOT_BEGIN", snapshot_id, started),
-                     Position(seq, self.position.last_snapshot_ms, self.position.watermarks, self.partitions))
+                     replace(self.position, snapshot_seq=seq, partitions=self.partitions, running_snapshot=snapshot_id))
         log.info("snapshot %s started", snapshot_id)
+        self._unpublished.clear()
+        progress = SnapshotProgress(snapshot_id, live=self.live_progress)
+        self.live_progress = False  # a live display for the first snapshot only; later ones log their progress
         seen: set[str] = set()
         batch: list[tuple[ChangeEvent, int | None]] = []
         marks = Watermarks()
@@ -192,8 +279,9 @@ class ChangeProducer:
             batch.clear()
 
         try:
-            with closing(read_ahead(full_listing(self.reader))) as listing:
+            with closing(read_ahead(full_listing(self.reader, progress))) as listing:
                 for item in listing:
+                    HEARTBEATS.beat("producer")
                     if stop is not None and stop.is_set():
                         raise InterruptedError("stopped")
                     if item is None:  # MLflow is still answering: what is read so far goes out now
@@ -207,13 +295,19 @@ class ChangeProducer:
                                            now_ms())
                     seen.add(event["key"])
                     summary.entities[kind] = summary.entities.get(kind, 0) + 1
+                    progress.advance(kind)
                     batch.append((event, None))
                     if len(batch) >= self.cfg.producer.transaction_size:
                         flush()
+            if self._unpublished & seen:
+                raise NotPublished(f"{len(self._unpublished & seen)} entities could not be published "
+                                        f"(e.g. {sorted(self._unpublished & seen)[0]})")
             summary.complete = True
-        except (MlflowUnavailable, InterruptedError) as e:
+        except (MlflowUnavailable, InterruptedError, NotPublished) as e:
             summary.reason = str(e)
             log.warning("snapshot %s incomplete: %s; nothing will be deleted for it", snapshot_id, e)
+        finally:
+            progress.close()
         deletes: list[tuple[ChangeEvent, int | None]] = []
         if summary.complete:
             deletes = self._deletes(seen, snapshot_id, summary)
@@ -223,36 +317,59 @@ class ChangeProducer:
         final = batch + deletes + self._markers("SNAPSHOT_END", snapshot_id, now_ms(), summary.complete, total)
         watermarks = Watermarks.from_dict(self.position.watermarks)
         if summary.complete:
-            watermarks = watermarks.advanced(marks)
+            # A run's start_time is its client's clock: the watermark never passes this producer's.
+            watermarks = watermarks.advanced(replace(marks, runs=min(marks.runs, started) if marks.runs else None))
         # A listing that failed is retried at the next cycle; one blocked by the fail-safe threshold
         # (it listed fine, but too much is gone) waits for the next reconciliation like a complete one.
         blocked = summary.reason is not None and "fail_safe_threshold" in summary.reason
+        summary.deletes = sum(1 for event, _ in deletes if event["op"] == "DELETE")
+        ended = now_ms()
         position = Position(seq, started if summary.complete or blocked else self.position.last_snapshot_ms,
-                            watermarks.to_dict(), self.partitions)
+                            watermarks.to_dict(), self.partitions, None,
+                            {"id": snapshot_id, "complete": summary.complete, "ended_ms": ended,
+                             "seconds": round((ended - started) / 1000, 3), "entities": dict(summary.entities),
+                             "deletes": summary.deletes, "reason": summary.reason}, known_summaries=True)
         self._commit(final, position)
+        METRICS.snapshot_ended(summary.complete, (ended - started) / 1000)
         summary.events += len(batch) + len(deletes)
-        summary.deletes = len(deletes)
         summary.end_offsets = dict(self._end_offsets)
         log.info("snapshot %s %s: %d entities (%s), %d deletes", snapshot_id,
                  "complete" if summary.complete else "INCOMPLETE", total,
-                 ", ".join(f"{v} {k.lower()}" for k, v in summary.entities.items()), len(deletes))
+                 ", ".join(f"{v} {k.lower()}" for k, v in summary.entities.items()), summary.deletes)
         return summary
 
     def _deletes(self, seen: set[str], snapshot_id: str, summary: SnapshotSummary
                  ) -> list[tuple[ChangeEvent, int | None]]:
-        gone = sorted(set(self.published) - seen)
-        if not gone:
+        """DELETE events for what was published before and is confirmed gone, and READ events (of this
+        snapshot) for what the listing missed although MLflow still has it (see connector/mlflow/confirm.py)."""
+        candidates = sorted(set(self.published) - seen)
+        if not candidates:
             return []
         stateful = self.cfg.stateful
-        percent = 100.0 * len(gone) / max(len(self.published), 1)
+        percent = 100.0 * len(candidates) / max(len(self.published), 1)
         if percent > stateful.fail_safe_threshold:
             summary.complete = False
-            summary.reason = (f"{len(gone)} of {len(self.published)} entities ({percent:.0f}%) are gone, above "
+            summary.reason = (f"{len(candidates)} of {len(self.published)} entities ({percent:.0f}%) are gone, above "
                               f"fail_safe_threshold {stateful.fail_safe_threshold:.0f}%: treated as a failed listing")
             log.warning("snapshot %s: %s", snapshot_id, summary.reason)
             return []
+        try:
+            confirmed = confirm_gone(self.reader, self.known, self.experiment_names, candidates)
+        except MlflowUnavailable as e:
+            summary.complete = False
+            summary.reason = f"the {len(candidates)} entities the listing did not return could not be checked: {e}"
+            log.warning("snapshot %s incomplete: %s; nothing will be deleted for it", snapshot_id, summary.reason)
+            return []
         source = source_block(self.tracking_uri, self.registry_uri, now_ms(), snapshot_id)
-        return [(entity_deleted(key, kind_of_key(key), source, now_ms()), None) for key in gone]
+        again = [(entity_changed("READ", kind, entity, source, now_ms()), None) for kind, entity in confirmed.alive]
+        missed = sorted({event["key"] for event, _ in again} & set(candidates))
+        if missed:
+            log.info("snapshot %s: the listing missed %d entities that MLflow still has (its pages shifted while it "
+                     "was read), e.g. %s: published again, not deleted", snapshot_id, len(missed), missed[0])
+        for event, _ in again:
+            summary.entities[event["kind"]] = summary.entities.get(event["kind"], 0) + (event["key"] not in seen)
+            seen.add(event["key"])
+        return again + [(entity_deleted(key, kind_of_key(key), source, now_ms()), None) for key in confirmed.gone]
 
     # -- change cycles ---------------------------------------------------------------------------
 
@@ -288,9 +405,10 @@ class ChangeProducer:
         """One incremental cycle: what changed since the watermarks, published with the new ones."""
         marks = Watermarks.from_dict(self.position.watermarks)
         changes = read_changes(self.reader, marks, self.known,
-                               int(self.cfg.producer.watermark_overlap_seconds * 1000))
-        position = Position(self.position.snapshot_seq, self.position.last_snapshot_ms,
-                            marks.advanced(changes.watermarks).to_dict(), self.partitions)
+                               int(self.cfg.producer.watermark_overlap_seconds * 1000), now_ms(),
+                               int(self.cfg.producer.max_clock_skew_seconds * 1000))
+        position = replace(self.position, watermarks=marks.advanced(changes.watermarks).to_dict(),
+                           partitions=self.partitions)
         return self._publish(changes, position)
 
     def refresh_model(self, names: Iterable[str]) -> int:
@@ -320,40 +438,114 @@ class ChangeProducer:
     def run(self, stop: threading.Event) -> None:
         """Until stopped: a complete snapshot when one is due, else an incremental cycle, one every
         `poll_interval_seconds` counted from the start of the last (a cycle that takes longer is
-        followed at once); in between, targeted reads of what webhooks report, as they arrive."""
+        followed at once); in between, targeted reads of what webhooks report, as they arrive.
+
+        No failure of MLflow ends it: a cycle that fails, or a snapshot left incomplete, is logged in
+        one line and tried again after a backoff (the poll interval, doubled at each failure in a row,
+        up to BACKOFF_MAX_SECONDS); Kafka's errors and the connector's own still end it."""
         poll = self.cfg.producer.poll_interval_seconds
         log.info("producer reading %s every %.0f s (complete snapshot every %.0f s) into %s",
                  self.tracking_uri, poll, self.cfg.producer.reconcile_interval_seconds, self.topics.changes)
+        failures = 0  # cycles or snapshots failed in a row
         while not stop.is_set():
             started = time.monotonic()
+            what = "snapshot" if self.snapshot_due() else "cycle"
+            reason, level = None, logging.WARNING
             try:
-                if self.snapshot_due():
-                    self.snapshot(stop)
+                if what == "snapshot":
+                    summary = self.snapshot(stop)
+                    if not summary.complete and self.snapshot_due():  # (the fail-safe's refusal is not retried)
+                        reason = summary.reason or "incomplete"
                 else:
-                    self.cycle()
-            except MlflowUnavailable as e:
-                log.warning("producer: %s; next attempt in %.0f s", e, poll)
-                started = time.monotonic()  # after a failure, a whole interval before the next attempt
+                    with self.reader.retrying_for(CYCLE_RETRY_SECONDS):
+                        self.cycle()
+            except READ_FAILURES as e:
+                reason = failure(e, self.tracking_uri)
+                if isinstance(e, AuthenticationFailed):  # the credentials or permissions need a change
+                    level = logging.ERROR
+            if stop.is_set():
+                break
             deadline = started + poll
+            if reason is None:
+                failures = 0
+            else:
+                failures += 1
+                wait = self._backoff(failures)
+                deadline = time.monotonic() + wait  # after a failure, a whole backoff before the next attempt
+                log.log(level, "producer: %s failed %d time%s in a row (%s); next attempt in %.3g s", what, failures,
+                        "" if failures == 1 else "s", reason, wait)
             while not stop.is_set():
                 self._refresh_reported(timeout=min(0.2, deadline - time.monotonic()))
                 if time.monotonic() >= deadline:
                     break
 
+    def _backoff(self, failures: int) -> float:
+        poll = self.cfg.producer.poll_interval_seconds
+        return min(poll * 2 ** min(failures - 1, 16), max(poll, BACKOFF_MAX_SECONDS))
+
     def _refresh_reported(self, timeout: float) -> None:
-        """The targeted reads webhooks asked for: all those waiting, after up to `timeout` seconds for
-        the first (none: only those already waiting)."""
+        """The targeted reads webhooks asked for, and those due again after a failure: all those waiting,
+        after up to `timeout` seconds for the first (none: only those already waiting). Each registered
+        model is read by itself: one that MLflow keeps failing holds up no other (see `_targeted_read`)."""
+        now = time.monotonic()
+        names = {name for name, at in self._read_again_at.items() if at <= now}
         try:
-            names = [self.refresh_requests.get(timeout=timeout) if timeout > 0
-                     else self.refresh_requests.get_nowait()]
+            if not names:
+                names.add(self.refresh_requests.get(timeout=timeout) if timeout > 0
+                          else self.refresh_requests.get_nowait())
         except queue.Empty:
             return
         while not self.refresh_requests.empty():
-            names.append(self.refresh_requests.get_nowait())
+            names.add(self.refresh_requests.get_nowait())
+        changes = ChangeSet()
+        for name in sorted(names):
+            self._read_again_at.pop(name, None)
+            one = self._targeted_read(name)
+            if one is not None:
+                changes.entities += one.entities
+                changes.deleted_keys += one.deleted_keys
+        if changes.entities or changes.deleted_keys:
+            self._publish(changes, None)
+
+    def _targeted_read(self, name: str) -> ChangeSet | None:
+        """The targeted read of one registered model, each request retried for TARGETED_READ_RETRY_SECONDS at
+        most. None when it failed: it is tried again after a backoff; after TARGETED_READ_ATTEMPTS failures
+        while MLflow answers other requests, the model is skipped with a warning naming it, and counted in
+        `skipped_objects` (the next complete snapshot reads it again)."""
         try:
-            self.refresh_model(names)
-        except MlflowUnavailable as e:
-            log.warning("producer: targeted read of %s failed (%s); the next cycle covers it", names, e)
+            with self.reader.retrying_for(TARGETED_READ_RETRY_SECONDS):
+                changes = read_model(self.reader, self.known, self.experiment_names, name)
+            self._read_failures.pop(name, None)
+            return changes
+        except READ_FAILURES as e:
+            reason = failure(e, self.tracking_uri)
+        if not self._mlflow_answers():  # an outage, not this model's: not counted against it
+            self._read_again_at[name] = time.monotonic() + self._backoff(1)
+            log.warning("producer: targeted read of registered model %r failed (%s); MLflow does not answer, "
+                        "tried again in %.3g s", name, reason, self._backoff(1))
+            return None
+        failures = self._read_failures.pop(name, 0) + 1
+        if failures >= TARGETED_READ_ATTEMPTS:
+            self.skipped_objects += 1
+            log.warning("producer: skipped registered model %r: its targeted read failed %d times while MLflow "
+                        "answered other requests (last: %s); the next complete snapshot reads it again", name,
+                        failures, reason)
+            return None
+        self._read_failures[name] = failures
+        wait = self._backoff(failures)
+        self._read_again_at[name] = time.monotonic() + wait
+        log.warning("producer: targeted read of registered model %r failed (%s); attempt %d of %d in %.3g s",
+                    name, reason, failures + 1, TARGETED_READ_ATTEMPTS, wait)
+        return None
+
+    def _mlflow_answers(self) -> bool:
+        """Whether MLflow answers a cheap request (within TARGETED_READ_RETRY_SECONDS)."""
+        try:
+            with self.reader.retrying_for(TARGETED_READ_RETRY_SECONDS):
+                self.reader.check()
+            return True
+        except READ_FAILURES:
+            return False
 
     def close(self) -> None:
         self.writer.flush(30)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
@@ -52,15 +52,20 @@ class SnapshotResult:
     stats: ConsumerStats
 
 
-def _consume(cfg: ConnectorConfig, instance_id: str | None, conn: Connection) -> None:
-    """A consumer process: reports its committed positions as they move, until told to stop (None)
-    or the command is gone; then answers ("stats", ConsumerStats) or ("error", message)."""
+def _consume(cfg: ConnectorConfig, instance_id: str | None, conn: Connection, topics_ready: Any) -> None:
+    """A consumer process: once the command has checked the topics (`topics_ready`, a multiprocessing
+    Event), reports its committed positions as they move, until told to stop (None) or the command is
+    gone; then answers ("stats", ConsumerStats) or ("error", message)."""
     from connector.kafka.mcp_serde import RegistryUnavailable
     from connector.pipeline.consumer import ChangeConsumer
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # the command decides; it tells us
         signal.signal(signum, signal.SIG_IGN)
+    while not topics_ready.wait(0.05):
+        if conn.poll():  # told to stop before the topics were there
+            conn.send(("error", "stopped before the topics were checked"))
+            return
     reported: dict[int, int] = {}
 
     def told_to_stop(c: ChangeConsumer) -> bool:
@@ -100,14 +105,21 @@ def consumer_ids(instance_id: str | None, count: int) -> list[str | None]:
 
 
 def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop: threading.Event,
-                 instance_id: str | None, consumers: int) -> SnapshotResult:
-    """`reader` makes the MLflow reader (and checks MLflow), once the consumers are forked."""
+                 instance_id: str | None, consumers: int,
+                 topics: Callable[[], object] | None = None) -> SnapshotResult:
+    """`reader` makes the MLflow reader (and checks MLflow), once the consumers are forked; `topics`
+    (connector.kafka.topics.ensure_topics) checks Kafka and makes the topics meanwhile, in a thread, so
+    that the first MLflow request does not wait for Kafka; the consumers start once it is done. A Kafka
+    problem is reported before an MLflow problem."""
     fork = multiprocessing.get_context("fork")
     gc.collect()  # no Kafka client of start-up may be left for the children
+    topics_ready = fork.Event()
+    if topics is None:
+        topics_ready.set()
     children: list[tuple[BaseProcess, Connection]] = []
     for child_id in consumer_ids(instance_id, consumers):
         conn, child_conn = fork.Pipe()
-        child = fork.Process(target=_consume, args=(cfg, child_id, child_conn),
+        child = fork.Process(target=_consume, args=(cfg, child_id, child_conn, topics_ready),
                              name=f"mlflow-datahub-consumer-{len(children) + 1}", daemon=True)
         child.start()
         child_conn.close()
@@ -141,9 +153,28 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
     collector = threading.Thread(target=collect, name="consumer-reports", daemon=True)
     collector.start()
     try:
+        made: list[BaseException | None] = []
+
+        def make_topics() -> None:
+            try:
+                if topics is not None:
+                    topics()
+                topics_ready.set()
+                made.append(None)
+            except BaseException as e:  # raised below, before any MLflow problem
+                made.append(e)
+
+        maker = threading.Thread(target=make_topics, name="topics", daemon=True)
+        maker.start()
+        try:
+            mlflow = reader()
+        finally:
+            maker.join()
+            if made and made[0] is not None:
+                raise made[0]
         from connector.pipeline.producer import ChangeProducer
 
-        producer = ChangeProducer(cfg, reader())
+        producer = ChangeProducer(cfg, mlflow)
         try:
             summary = producer.snapshot(stop)
         finally:

@@ -23,6 +23,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from connector.devstack import stack
+from tests.conftest import run_cli
 
 PORT_VARS = (
     "MLFLOW_DATAHUB_KAFKA_PORT",
@@ -30,6 +31,7 @@ PORT_VARS = (
     "MLFLOW_DATAHUB_REGISTRY_PORT",
     "MLFLOW_DATAHUB_MLFLOW_PORT",
 )
+SECURE_PORT_VARS = ("MLFLOW_DATAHUB_KAFKA_SASL_PORT", "MLFLOW_DATAHUB_KAFKA_SASL_SSL_PORT")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def _pid_alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     root = tmp_path_factory.mktemp("stack-root")
-    ports = dict(zip(PORT_VARS, _free_ports(len(PORT_VARS)), strict=True))
+    ports = dict(zip(PORT_VARS + SECURE_PORT_VARS, _free_ports(len(PORT_VARS + SECURE_PORT_VARS)), strict=True))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_DATAHUB_STACK_DIR", str(root))
         for var, port in ports.items():
@@ -77,13 +79,15 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
             stack.down()
 
 
-def _consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[bytes]:
+def _consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0,
+                 settings: dict[str, str] | None = None) -> list[bytes]:
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"test-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
+            **(settings or {}),
         }
     )
     values: list[bytes] = []
@@ -102,8 +106,8 @@ def _consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.
     return values
 
 
-def _produce(bootstrap: str, topic: str, value: bytes) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+def _produce(bootstrap: str, topic: str, value: bytes, settings: dict[str, str] | None = None) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, **(settings or {})})
     producer.produce(topic, value)
     assert producer.flush(30) == 0
 
@@ -189,13 +193,66 @@ def test_mlflow_create_experiment(running: RunningStack) -> None:
     assert client.get_experiment_by_name(name).experiment_id == experiment_id
 
 
+def test_up_secure_adds_the_secured_listeners(running: RunningStack) -> None:
+    """`stack up --secure` on a running stack: the broker restarts with SASL_PLAINTEXT and SASL_SSL
+    listeners (PLAIN, SCRAM-SHA-512; a local CA), says how to connect, never prints the password."""
+    ports = running.ports
+    before = _pids(running.root)
+    result = run_cli("stack", "up", "--secure", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[:3] == running.endpoints.as_env_lines()  # the usual lines first, unchanged
+    values = dict(line.split("=", 1) for line in lines)
+    sasl_ssl = f"127.0.0.1:{ports['MLFLOW_DATAHUB_KAFKA_SASL_SSL_PORT']}"
+    sasl_plaintext = f"127.0.0.1:{ports['MLFLOW_DATAHUB_KAFKA_SASL_PORT']}"
+    secure_dir = running.root / "kafka" / "secure"
+    assert values == {**values, "KAFKA_SASL_SSL_BOOTSTRAP_SERVERS": sasl_ssl,
+                      "KAFKA_SASL_PLAINTEXT_BOOTSTRAP_SERVERS": sasl_plaintext,
+                      "KAFKA_SASL_MECHANISMS": "PLAIN,SCRAM-SHA-512", "KAFKA_SASL_USERNAME": "connector",
+                      "KAFKA_SSL_CA_LOCATION": str(secure_dir / "tls" / "ca.pem"),
+                      "KAFKA_CLIENT_PROPERTIES": str(secure_dir / "client.properties")}
+    properties = Path(values["KAFKA_CLIENT_PROPERTIES"])
+    assert properties.stat().st_mode & 0o077 == 0  # it holds the password
+    scram = {k: v for k, v in (line.split("=", 1) for line in properties.read_text().splitlines()
+                               if "=" in line and not line.startswith("#"))}
+    password = scram.pop("sasl.password")
+    assert password and password not in result.stdout + result.stderr
+    assert scram == {"bootstrap.servers": sasl_ssl, "security.protocol": "SASL_SSL",
+                     "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "connector",
+                     "ssl.ca.location": values["KAFKA_SSL_CA_LOCATION"]}
+    after = _pids(running.root)
+    assert after["kafka"] != before["kafka"]  # restarted with the new listeners
+    assert {k: v for k, v in after.items() if k != "kafka"} == {k: v for k, v in before.items() if k != "kafka"}
+
+    status = run_cli("stack", "status")
+    assert f"{sasl_ssl}" in status.stdout and f"{sasl_plaintext}" in status.stdout and "SASL_SSL" in status.stdout
+    assert str(properties) in status.stdout and password not in status.stdout
+    assert stack.status()[0].secure is not None
+
+    # Both listeners take the credentials: SCRAM-SHA-512 over TLS, PLAIN without; PLAINTEXT is unchanged.
+    topic = f"stack-secure-{uuid.uuid4().hex[:8]}"
+    plain = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN", "sasl.username": "connector",
+             "sasl.password": password}
+    _produce(sasl_ssl, topic, b"over TLS", {**scram, "sasl.password": password})
+    _produce(sasl_plaintext, topic, b"over SASL", plain)
+    _produce(running.endpoints.kafka_bootstrap_servers, topic, b"in the clear")
+    assert _consume_all(sasl_plaintext, topic, expected=3, settings={**plain, "sasl.mechanism": "SCRAM-SHA-512"}) == [
+        b"over TLS", b"over SASL", b"in the clear"]
+
+    # A second `up --secure` (and a plain `up`) keeps the running broker.
+    assert run_cli("stack", "up", "--secure", timeout=120).returncode == 0
+    assert stack.up().secure is not None and _pids(running.root) == after
+
+
 def test_kafka_restart_keeps_data(running: RunningStack) -> None:
     bootstrap = running.endpoints.kafka_bootstrap_servers
     topic = f"stack-restart-{uuid.uuid4().hex[:8]}"
     _produce(bootstrap, topic, b"before restart")
     old = _pids(running.root)
+    secure_before = stack.status()[0].secure
     stack.kafka_restart()
     new = _pids(running.root)
+    assert stack.status()[0].secure == secure_before  # the secured listeners too, when it had them
     assert new["kafka"] is not None and new["kafka"] != old["kafka"]
     assert not _pid_alive(old["kafka"] or 0)
     assert {k: v for k, v in new.items() if k != "kafka"} == {k: v for k, v in old.items() if k != "kafka"}

@@ -505,3 +505,35 @@ def test_soft_delete_mcps_are_well_formed() -> None:
     for mcp in feed(state, DELETES, gone(model_version_key("m", "1"))).mcps:
         assert isinstance(mcp, MetadataChangeProposalWrapper)
         assert mcp.changeType == "UPSERT" and mcp.aspect is not None and mcp.aspect.validate()
+
+
+def test_an_entity_whose_event_cannot_be_written_still_counts_as_seen() -> None:
+    """The consumer dead-letters an event it cannot write (too large, not serialisable); the entity is
+    still in MLflow, so the snapshot's end must not soft-delete what its key owns."""
+    from connector.datahub.decisions import still_seen
+
+    state = populated()
+    feed(state, DELETES, marker("SNAPSHOT_BEGIN", "s2"))
+    for event in [experiment("0"), experiment("1"), experiment("2")]:
+        feed(state, DELETES, event)
+    unwritable = experiment("3")
+    kept = still_seen(unwritable, state)
+    assert set(kept) == {exp_urn("3")} and kept[exp_urn("3")].seen == "s2"  # type: ignore[union-attr]
+    state.apply(kept)
+    end = feed(state, DELETES, marker("SNAPSHOT_END", "s2"))
+    assert soft_deleted(end) == []
+    # Outside a snapshot, or for a DELETE, there is nothing to keep.
+    assert still_seen(experiment("3"), state) == {}
+    assert still_seen(gone(experiment_key("3")), state) == {}
+
+
+def test_the_owner_index_forgets_what_is_deleted() -> None:
+    """Weeks of churn: entities created and deleted leave nothing behind in the state's index."""
+    state = PartitionState()
+    for round_ in range(20):
+        snapshot(state, DELETES, f"s{round_}", [experiment(str(round_))])
+    assert set(state.entries) == {exp_urn("19")}
+    assert isinstance(state.entries, Entries)
+    assert list(state.entries.by_owner) == [experiment_key("19")]
+    state.entries.pop(exp_urn("19"))
+    assert state.entries.by_owner == {} and state.entries.pop("urn:li:absent", None) is None

@@ -395,3 +395,18 @@ def test_an_oversized_model_version_event_cuts_its_runs_params_not_its_links() -
     assert 0 < len(fitted["after"]["run"]["params"]) < 3000
     assert fitted["after"]["aliases"] == ["champion"]
     assert note is not None and "run.params" in note
+
+
+def test_an_event_too_large_even_without_lists_cuts_its_free_text_not_its_identity() -> None:
+    """A 3 MB description: every list emptied is not enough, so the text is cut. The event always
+    travels: one that never reached the change topic would look gone to the consumer."""
+    from connector.contract import codec
+
+    model = changes.registered_model_state(mo.registered_model(description="d" * 3_000_000))
+    source = envelope.source_block("http://m", "http://m", 1)
+    event = envelope.entity_changed("UPDATE", "REGISTERED_MODEL", model, source, 2)
+    fitted, value, note = fitting.fit_event(event, codec.encode, 1_000_000)
+    assert len(value) <= 1_000_000 and codec.decode(value) == fitted
+    assert fitted["after"]["name"] == "demo classifier" and fitted["key"] == event["key"]
+    assert 0 < len(fitted["after"]["description"]) < 1_000_000
+    assert note is not None and "description" in note and "of 3000000 characters" in note

@@ -66,7 +66,7 @@ def test_change_topic_is_compacted_keeps_a_week_and_takes_large_events() -> None
 def test_state_and_position_are_compacted_dead_letters_expire_and_the_mcp_topic_is_left_to_the_broker() -> None:
     _, state, offsets, dead_letter, mcp = specs(config())
     assert state.config == {"cleanup.policy": "compact"}
-    assert offsets.config == {"cleanup.policy": "compact"}
+    assert offsets.config == {"cleanup.policy": "compact", "segment.ms": "3600000", "min.cleanable.dirty.ratio": "0.1"}
     assert dead_letter.config == {"cleanup.policy": "delete", "retention.ms": str(4 * WEEK_MS)}
     assert mcp.config == {}
 

@@ -304,3 +304,80 @@ def test_a_replay_exactly_max_age_later_is_refused() -> None:
     v.verify(h, content)
     clock.now = NOW + MAX_AGE
     rejected(v, h, content)
+
+
+# ---- before the body: check_headers ---------------------------------------------------------------
+
+
+def test_headers_of_an_authentic_delivery_pass_before_the_body_is_known() -> None:
+    h = headers(body(), "d1")
+    verifier().check_headers(h)  # the signature is only well-formed here: whether it matches needs the body
+    v = verifier()
+    v.check_headers(headers(b"another body", "d1"))
+    assert not v._accepted  # nothing is remembered before the whole delivery is verified
+
+
+@pytest.mark.parametrize("header, value, status, reason", [
+    (SIGNATURE_HEADER, None, 401, f"no {SIGNATURE_HEADER} header"),
+    (DELIVERY_ID_HEADER, None, 400, f"no {DELIVERY_ID_HEADER} header"),
+    (TIMESTAMP_HEADER, None, 400, f"no {TIMESTAMP_HEADER} header"),
+    (DELIVERY_ID_HEADER, "two words", 400, f"{DELIVERY_ID_HEADER} is not well-formed"),
+    (DELIVERY_ID_HEADER, "x" * 201, 400, f"{DELIVERY_ID_HEADER} is not well-formed"),
+    (DELIVERY_ID_HEADER, "caf\u00e9", 400, f"{DELIVERY_ID_HEADER} is not well-formed"),
+    (TIMESTAMP_HEADER, f"+{NOW}", 400, f"{TIMESTAMP_HEADER} is not Unix seconds"),
+    (TIMESTAMP_HEADER, f"{NOW}.5", 400, f"{TIMESTAMP_HEADER} is not Unix seconds"),
+    (TIMESTAMP_HEADER, "1_795_793_706", 400, f"{TIMESTAMP_HEADER} is not Unix seconds"),
+    (TIMESTAMP_HEADER, str(NOW - 301), 400, "timestamp 301 s in the past (accepted: 300 s)"),
+    (TIMESTAMP_HEADER, str(NOW + 301), 400, "timestamp 301 s in the future (accepted: 300 s)"),
+    (SIGNATURE_HEADER, "v1,abc", 401, "signature does not match"),
+    (SIGNATURE_HEADER, "v2," + "A" * 43 + "=", 401, "signature does not match"),
+    (SIGNATURE_HEADER, " ".join(["v1," + "A" * 43 + "="] * 30), 401, "signature does not match"),  # > 1 KiB
+])
+def test_headers_that_cannot_be_authentic_are_refused_before_the_body(header: str, value: str | None, status: int,
+                                                                      reason: str) -> None:
+    h = headers(body())
+    if value is None:
+        del h[header]
+    else:
+        h[header] = value
+    with pytest.raises(Rejected) as raised:
+        verifier().check_headers(h)
+    assert (raised.value.status, raised.value.reason) == (status, reason)
+
+
+def test_several_signatures_pass_the_header_check_if_one_is_a_well_formed_v1() -> None:
+    h = headers(body())
+    h[SIGNATURE_HEADER] = "v2,zzz v1,garbage " + h[SIGNATURE_HEADER]
+    verifier().check_headers(h)
+
+
+# ---- the receiver's log lines: once, then counted -------------------------------------------------
+
+
+def test_log_limiter_logs_a_kind_once_a_minute_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock(0.0)
+    limiter = webhooks._LogLimiter(60.0, clock)
+    caplog.set_level("WARNING", "connector.webhooks")
+    for i in range(100):
+        limiter.warning("slow", 1, "closed connection %d", i)
+        limiter.warning("rejected 401", 3, "rejected %d", i)
+        clock.now += 0.1  # 100 of each in 10 s
+    limiter.flush()
+    assert caplog.messages == ["closed connection 0", "rejected 0", "rejected 1", "rejected 2"]
+    clock.now = 59.9
+    limiter.flush()
+    assert len(caplog.messages) == 4
+    clock.now = 60.0
+    limiter.flush()  # the minute after the first lines is over: one line each, with the count and the latest
+    assert caplog.messages[4:] == ["99 more in 60 s like this one: closed connection 99",
+                                   "97 more in 60 s like this one: rejected 99"]
+    clock.now = 70.0
+    limiter.warning("slow", 1, "closed connection %d", 100)  # within the minute of the count's line: held
+    limiter.flush()
+    assert len(caplog.messages) == 6
+    clock.now = 80.0
+    limiter.flush(everything=True)  # at stop
+    assert caplog.messages[6:] == ["1 more in 10 s like this one: closed connection 100"]
+    clock.now = 500.0
+    limiter.warning("slow", 1, "closed connection %d", 101)  # a quiet minute later: logged at once again
+    assert caplog.messages[-1] == "closed connection 101"
