@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,6 +25,8 @@ from connector.errors import ConfigError
 from connector.redaction import remember_secrets, secret_values
 
 if TYPE_CHECKING:  # imported where used: the consumer needs no MLflow client, the producer no DataHub model
+    from datahub.configuration.common import AllowDenyPattern
+
     from connector.datahub.mapping import MappingSettings
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,33 @@ class StatefulIngestion(_Strict):
     """The original's hidden setting of its checkpoint store: accepted so that a recipe loads; unused."""
 
 
+class Pattern(_Strict):
+    """DataHub's `AllowDenyPattern`, field for field (its fields are checked here; it is built where used,
+    so that loading a configuration does not import DataHub's configuration package)."""
+
+    allow: list[str] = [".*"]
+    """Regular expressions: a name matching one of them is in scope..."""
+    deny: list[str] = []
+    """...unless it matches one of these."""
+    ignoreCase: bool = True  # noqa: N815 (DataHub's name)
+    """Match regardless of case."""
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {pattern!r} ({e})") from None
+        return patterns
+
+    def to_datahub(self) -> AllowDenyPattern:
+        from datahub.configuration.common import AllowDenyPattern
+
+        return AllowDenyPattern(allow=self.allow, deny=self.deny, ignoreCase=self.ignoreCase)
+
+
 class MLflowSourceConfig(_Strict):
     """The original `MLflowConfig`, field for field."""
 
@@ -103,6 +133,19 @@ class MLflowSourceConfig(_Strict):
     like `username` and `password` (the original reads one only from `MLFLOW_TRACKING_TOKEN`)."""
     stateful_ingestion: StatefulIngestion | None = None
     """Detect Deleted Entities: soft-delete in DataHub what is gone from MLflow. Unset: off."""
+    platform_instance: str | None = None
+    """Not in the original: the name of this MLflow server in DataHub, for several MLflow servers in one DataHub.
+    It goes into the URNs of experiments, model groups and models and into their `dataPlatformInstance`
+    aspect, as DataHub's other sources do. Unset: the original's URNs."""
+    experiment_pattern: Pattern = Pattern()
+    """Not in the original: which experiments (by name; `allow`, `deny` regular expressions, `ignoreCase`) are
+    read, with their runs. What leaves the scope is stale: soft-deleted like what is gone from MLflow."""
+    model_pattern: Pattern = Pattern()
+    """Not in the original: which registered models (by name) are read, with their versions. What leaves the
+    scope is stale."""
+    max_run_age_days: float | None = Field(default=None, gt=0)
+    """Not in the original: only runs started within this many days are read (unset: all). A run that ages out
+    of it is stale."""
 
     @field_validator("env", mode="after")
     @classmethod
@@ -417,6 +460,7 @@ class ConnectorConfig(_Strict):
             materialize_dataset_inputs=c.materialize_dataset_inputs,
             source_mapping_to_platform={k.lower(): v for k, v in (c.source_mapping_to_platform or {}).items()},
             run_id=self.pipeline_name or "mlflow-datahub",
+            platform_instance=c.platform_instance,
         )
 
 

@@ -92,6 +92,10 @@ class MappingSettings:
     materialize_dataset_inputs: bool = False
     source_mapping_to_platform: dict[str, str] = field(default_factory=dict)
     run_id: str = "mlflow-datahub"
+    # Several MLflow servers in one DataHub: the instance is in the URNs of experiments (their container
+    # key), model groups and models (`instance.name`, as DataHub's sources name datasets), and in the
+    # `dataPlatformInstance` aspect of every entity of the MLflow platform. None: as the original.
+    platform_instance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,8 @@ def urn_bytes(urn: str) -> int:
 
 
 @functools.lru_cache(maxsize=4096)  # every run event names its experiment's URN (a hash of a JSON key)
-def experiment_urn(name: str) -> str:
-    return ExperimentKey(platform=PLATFORM_URN, id=name).as_urn()
+def experiment_urn(name: str, instance: str | None = None) -> str:
+    return ExperimentKey(platform=PLATFORM_URN, id=name, instance=instance).as_urn()
 
 
 def run_urn(run_id: str) -> str:
@@ -145,12 +149,30 @@ def _named_urn(urn_class: type[MlModelUrn] | type[MlModelGroupUrn], name: str, e
     return str(urn_class(PLATFORM_URN, UrnEncoder.encode_string(name), env, _allow_coercion=False))
 
 
+def _in_instance(name: str, settings: MappingSettings) -> str:
+    return f"{settings.platform_instance}.{name}" if settings.platform_instance else name
+
+
 def model_group_urn(name: str, settings: MappingSettings) -> str:
-    return _named_urn(MlModelGroupUrn, name, settings.env)
+    return _named_urn(MlModelGroupUrn, _in_instance(name, settings), settings.env)
 
 
 def model_urn(name: str, version: str, settings: MappingSettings) -> str:
-    return _named_urn(MlModelUrn, f"{name}{settings.model_name_separator}{version}", settings.env)
+    return _named_urn(MlModelUrn, _in_instance(f"{name}{settings.model_name_separator}{version}", settings),
+                      settings.env)
+
+
+def _instance_urn(settings: MappingSettings) -> str | None:
+    if not settings.platform_instance:
+        return None
+    return builder.make_dataplatform_instance_urn(PLATFORM, settings.platform_instance)
+
+
+def platform_instance_mcp(urn: str, settings: MappingSettings) -> list[MetadataChangeProposalWrapper]:
+    """The `dataPlatformInstance` aspect of a model group or model, when an instance is set (the
+    original writes none for them)."""
+    instance = _instance_urn(settings)
+    return [_mcp(urn, DataPlatformInstanceClass(platform=PLATFORM_URN, instance=instance))] if instance else []
 
 
 def stage_tag_name(stage: str) -> str:
@@ -181,7 +203,7 @@ def primary_urn_of_key(key: str, experiment_name: str | None, settings: MappingS
     if kind == "MODEL_VERSION":
         return model_urn(*model_version_of_key(key), settings)
     if kind == "EXPERIMENT" and experiment_name is not None:
-        return experiment_urn(experiment_name)
+        return experiment_urn(experiment_name, settings.platform_instance)
     return None
 
 
@@ -248,12 +270,12 @@ def removal_mcps(urn: str) -> list[MetadataChangeProposalWrapper]:
 # ---- experiments ------------------------------------------------------------------------------
 
 
-def experiment_mcps(experiment: Experiment) -> EntityMcps:
+def experiment_mcps(experiment: Experiment, settings: MappingSettings) -> EntityMcps:
     tags = _dict(experiment["tags"])
     description = tags.pop("mlflow.note.content", None)
     tags["artifacts_location"] = experiment["artifact_location"] or ""
     container = Container(
-        container_key=ExperimentKey(platform=PLATFORM_URN, id=experiment["name"]),
+        container_key=ExperimentKey(platform=PLATFORM_URN, id=experiment["name"], instance=settings.platform_instance),
         subtype=MLAssetSubTypes.MLFLOW_EXPERIMENT,
         display_name=experiment["name"],
         description=description,
@@ -358,7 +380,7 @@ def run_mcps(run: Run, event: ChangeEvent, settings: MappingSettings) -> tuple[E
             # so run tags were always dropped.
             customProperties=_dict(run["tags"]),
         )),
-        _mcp(urn, ContainerClass(container=experiment_urn(run["experiment_name"]))),
+        _mcp(urn, ContainerClass(container=experiment_urn(run["experiment_name"], settings.platform_instance))),
         # FIX(all-model-versions): the original links only the first version a run produced.
         # FIX(empty-edges): emitted also when empty, so that a deleted version's edge disappears.
         _mcp(urn, DataProcessInstanceOutputClass(
@@ -387,7 +409,7 @@ def run_mcps(run: Run, event: ChangeEvent, settings: MappingSettings) -> tuple[E
             status=DataProcessRunStatusClass.STARTED, timestampMillis=run["start_time"],
             partitionSpec=_full_table(),
         )))
-    mcps.append(_mcp(urn, DataPlatformInstanceClass(platform=PLATFORM_URN)))
+    mcps.append(_mcp(urn, DataPlatformInstanceClass(platform=PLATFORM_URN, instance=_instance_urn(settings))))
     mcps.append(_mcp(urn, SubTypesClass(typeNames=[MLAssetSubTypes.MLFLOW_TRAINING_RUN])))
     dataset_urns, dataset_mcps, warnings = _dataset_mcps(run, settings)
     mcps.extend(dataset_mcps)
@@ -472,6 +494,8 @@ def model_version_mcps(version: ModelVersion, event: ChangeEvent, settings: Mapp
                                         for stage in [version["current_stage"]] if stage])),
         _status(urn, False),
     ]
+    mcps += platform_instance_mcp(urn, settings)
+    mcps += platform_instance_mcp(urn, settings)
     return EntityMcps(urn, mcps)
 
 
@@ -523,7 +547,7 @@ def to_mcps(event: ChangeEvent, settings: MappingSettings) -> Transformed:
         return Transformed(None)
     warnings: list[str] = []
     if event["kind"] == "EXPERIMENT":
-        entity = experiment_mcps(cast(Experiment, after))
+        entity = experiment_mcps(cast(Experiment, after), settings)
     elif event["kind"] == "RUN":
         entity, warnings = run_mcps(cast(Run, after), event, settings)
     elif event["kind"] == "REGISTERED_MODEL":

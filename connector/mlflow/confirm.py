@@ -16,9 +16,9 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from connector.contract.events import Entity, EntityKind, kind_of_key, model_version_of_key
+from connector.contract.events import Entity, EntityKind, entity_key, kind_of_key, model_version_of_key
 from connector.mlflow.entities import experiment_state, logged_model_state
-from connector.mlflow.incremental import ChangeSet, Known, _assemble, read_model
+from connector.mlflow.incremental import ChangeSet, Known, assemble, read_model
 from connector.mlflow.reader import MlflowReader, http_status
 
 log = logging.getLogger("connector.listing")
@@ -80,8 +80,12 @@ def confirm_gone(reader: MlflowReader, known: Known, experiment_names: dict[str,
         if found:
             changes = ChangeSet()
             # Every state, changed or not: `Known` must not filter what the snapshot has to see.
-            _assemble(reader, _Unfiltered(known), experiment_names, {}, {}, found, changes)
+            assemble(reader, _Unfiltered(known), experiment_names, {}, {}, found, changes)
             out.alive += changes.entities
+    # Only the candidates themselves: the other states these reads joined (a model's runs, a run's
+    # versions) were listed by the snapshot already, and joined here with what `Known` held before it.
+    wanted = set(candidates)
+    out.alive = [(kind, entity) for kind, entity in out.alive if entity_key(kind, entity) in wanted]
     return out
 
 

@@ -252,7 +252,7 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
     if changed_experiments and marks.experiments is not None:
         for page in reader.runs(changed_experiments):
             runs.update((r.info.run_id, r) for r in page)
-    _assemble(reader, known, names, model_states, versions, runs, out, extra_runs=known.active_runs)
+    assemble(reader, known, names, model_states, versions, runs, out, extra_runs=known.active_runs)
 
     # MLflow 3 LoggedModels, newest first down to the watermark.
     logged = _newest_first(reader.logged_models(ids, newest_first=True, first_page=_first_page(marks.logged_models)),
@@ -272,7 +272,7 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
     return out
 
 
-def _assemble(reader: MlflowReader, known: Known, names: dict[str, str], model_states: dict[str, RegisteredModel],
+def assemble(reader: MlflowReader, known: Known, names: dict[str, str], model_states: dict[str, RegisteredModel],
               versions: dict[tuple[str, str], MlflowModelVersion], runs: dict[str, MlflowRun], out: ChangeSet,
               extra_runs: Iterable[str] = ()) -> None:
     """Join runs and versions into self-contained states: fetch the runs that versions come from
@@ -327,5 +327,5 @@ def read_model(reader: MlflowReader, known: Known, names: dict[str, str], model_
         out.deleted_keys.append(registered_model_key(model_name))
     for state in model_states.values():
         out.entities.append(("REGISTERED_MODEL", state))
-    _assemble(reader, known, names, model_states, versions, {}, out)
+    assemble(reader, known, names, model_states, versions, {}, out)
     return out

@@ -604,7 +604,7 @@ class MlflowReader:
                     raise
                 self.lists_refused = self.lists_refused | {scope}
                 log.info("MLflow at %s takes no list in %s filters (%s); asking for one %s at a time",
-                         self.settings.tracking_uri, what, first_line(e, 120), key)
+                         without_credentials(self.settings.tracking_uri), what, first_line(e, 120), key)
                 pending = value_searches(key, one.values, lists=False) + pending
 
     def runs_by_id(self, experiment_ids: Sequence[str], run_ids: Iterable[str]) -> list[Run]:

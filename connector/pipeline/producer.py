@@ -26,7 +26,7 @@ from confluent_kafka import KafkaError, Message
 from connector.config import ConnectorConfig
 from connector.contract import codec
 from connector.contract.envelope import entity_changed, entity_deleted, fingerprint, snapshot_marker, source_block
-from connector.contract.events import SNAPSHOT_MARKER_KEY, ChangeEvent, Entity, EntityKind, kind_of_key
+from connector.contract.events import SNAPSHOT_MARKER_KEY, ChangeEvent, Entity, EntityKind, entity_key, kind_of_key
 from connector.contract.fitting import fit_event
 from connector.errors import ConfigError
 from connector.kafka.clients import KafkaConnection
@@ -37,6 +37,7 @@ from connector.mlflow.confirm import confirm_gone
 from connector.mlflow.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
 from connector.mlflow.listing import full_listing
 from connector.mlflow.reader import READ_FAILURES, AuthenticationFailed, MlflowReader, MlflowUnavailable, failure
+from connector.mlflow.scope import Scope
 from connector.observability.http import HEARTBEATS
 from connector.observability.metrics import METRICS
 from connector.observability.progress import SnapshotProgress
@@ -97,6 +98,7 @@ class ChangeProducer:
         self.skipped_objects = 0  # targeted reads given up after failing again and again (for metrics)
         self._read_failures: dict[str, int] = {}  # registered model name -> its targeted reads failed in a row
         self._read_again_at: dict[str, float] = {}  # registered model name -> when its failed read is due again
+        self.scope = Scope.of(cfg)
         self.live_progress: bool | None = None  # a live display of the first snapshot: None = on a terminal
         self._end_offsets: dict[int, int] = {}
         self._unpublished: set[str] = set()  # keys whose latest event could not be published
@@ -290,6 +292,8 @@ class ChangeProducer:
                         continue
                     kind, entity = item
                     marks = marks.advanced(_watermark_of(kind, entity))
+                    if not self.scope.includes(kind, entity, started, self.experiment_names):
+                        continue  # never published; if it was before, it is stale (see _deletes)
                     event = entity_changed("READ", kind, entity,
                                            source_block(self.tracking_uri, self.registry_uri, now_ms(), snapshot_id),
                                            now_ms())
@@ -361,7 +365,11 @@ class ChangeProducer:
             log.warning("snapshot %s incomplete: %s; nothing will be deleted for it", snapshot_id, summary.reason)
             return []
         source = source_block(self.tracking_uri, self.registry_uri, now_ms(), snapshot_id)
-        again = [(entity_changed("READ", kind, entity, source, now_ms()), None) for kind, entity in confirmed.alive]
+        in_scope = [(kind, entity) for kind, entity in confirmed.alive
+                    if self.scope.includes(kind, entity, now_ms(), self.experiment_names)]
+        confirmed.gone += [entity_key(kind, entity) for kind, entity in confirmed.alive
+                           if (kind, entity) not in in_scope and entity_key(kind, entity) in candidates]
+        again = [(entity_changed("READ", kind, entity, source, now_ms()), None) for kind, entity in in_scope]
         missed = sorted({event["key"] for event, _ in again} & set(candidates))
         if missed:
             log.info("snapshot %s: the listing missed %d entities that MLflow still has (its pages shifted while it "
@@ -384,6 +392,11 @@ class ChangeProducer:
             if key in self.published:
                 batch.append((entity_deleted(key, kind_of_key(key), source, now_ms()), None))
         for kind, entity in entities:
+            if not self.scope.includes(kind, entity, now_ms(), self.experiment_names):
+                key = entity_key(kind, entity)
+                if key in self.published:  # it left the scope: stale, as if gone
+                    batch.append((entity_deleted(key, kind, source, now_ms()), None))
+                continue
             event = entity_changed("UPDATE", kind, entity,
                                    source_block(self.tracking_uri, self.registry_uri, now_ms()), now_ms())
             previous = self.published.get(event["key"])

@@ -111,7 +111,7 @@ def test_cycles_and_targeted_reads_see_registry_changes_on_mlflow_2(mlflow2: Mlf
         producer.cycle()
         topic.new()
 
-        run_id = run_with(mlflow2_python(), "connector.devstack.demo.live_change", mlflow2.uri).strip()
+        run_id = run_with(mlflow2_python(), "connector.devstack.demo.live_change", mlflow2.uri).strip().splitlines()[-1]
         time.sleep(1.2)  # past the watermark overlap
         producer.cycle()
         published = topic.new()
