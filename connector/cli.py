@@ -352,7 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
-    from connector.mlflow.webhooks import install
+    from connector.mlflow.webhook_install import install
 
     print(install(load(args.config)))
     return 0

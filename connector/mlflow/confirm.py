@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from connector.contract.events import Entity, EntityKind, entity_key, kind_of_key, model_version_of_key
 from connector.mlflow.entities import experiment_state, logged_model_state
 from connector.mlflow.incremental import ChangeSet, Known, assemble, read_model
-from connector.mlflow.reader import MlflowReader, http_status
+from connector.mlflow.reader import MlflowReader, does_not_exist
 
 log = logging.getLogger("connector.listing")
 
@@ -31,11 +31,12 @@ class Confirmation:
 
 
 def _or_none(reader: MlflowReader, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """One targeted read; None when MLflow answers that the object does not exist (HTTP 404)."""
+    """One targeted read; None when MLflow answers that the object does not exist (its own 404 with
+    RESOURCE_DOES_NOT_EXIST: a proxy's 404 page says nothing about the object, and is raised)."""
     try:
         return reader.call(what, fn, *args)
     except MlflowException as e:
-        if http_status(e) == 404:
+        if does_not_exist(e):
             return None
         raise
 

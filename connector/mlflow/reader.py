@@ -49,6 +49,7 @@ from mlflow.utils.rest_utils import MlflowHostCreds
 
 from connector.config import ConnectorConfig
 from connector.errors import OperatorError, first_line
+from connector.observability.metrics import METRICS
 from connector.redaction import without_credentials
 
 log = logging.getLogger("connector.mlflow_reader")
@@ -465,6 +466,7 @@ class MlflowReader:
             os.environ.setdefault(name, value)
         self.settings = settings
         self.tracking, self.registry = stores(settings)
+        self.on_wait: Callable[[], None] | None = None  # called before each wait between retries
         self.prompt_names: set[str] = set()  # prompts met among registered models: their versions are left out too
         self.limiter = RateLimiter(settings.max_requests_per_second)
         self.requests = 0
@@ -489,11 +491,13 @@ class MlflowReader:
             token = _exchange.set(exchange)
             try:
                 result = fn(*args, **kwargs)
+                METRICS.mlflow_requests.labels("ok").inc()
                 if attempt:
                     log.info("MLflow answers again (%s) after %.0f s", what, time.monotonic() - started)
                 return result
             except Exception as e:
                 fault = classify(e, exchange.answered)
+                METRICS.mlflow_requests.labels("retried" if fault == "transient" else "failed").inc()
                 if fault == "refused":
                     raise self._refused(what, http_status(e)) from None  # type: ignore[arg-type]
                 if fault == "answer":
@@ -507,6 +511,8 @@ class MlflowReader:
                     raise MlflowUnavailable(f"MLflow at {uri} did not answer {what} usefully for {waited:.0f} s (last "
                                             f"attempt: it {describe(e)})") from None
                 log.warning("MLflow at %s %s for %s; retry %d in %.3g s", uri, describe(e), what, attempt, delay)
+                if self.on_wait is not None:  # waiting on an outage is progress for the liveness probe
+                    self.on_wait()
                 time.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
             finally:

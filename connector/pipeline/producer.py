@@ -460,7 +460,9 @@ class ChangeProducer:
         log.info("producer reading %s every %.0f s (complete snapshot every %.0f s) into %s",
                  self.tracking_uri, poll, self.cfg.producer.reconcile_interval_seconds, self.topics.changes)
         failures = 0  # cycles or snapshots failed in a row
+        self.reader.on_wait = lambda: HEARTBEATS.beat("producer")
         while not stop.is_set():
+            HEARTBEATS.beat("producer")
             started = time.monotonic()
             what = "snapshot" if self.snapshot_due() else "cycle"
             reason, level = None, logging.WARNING
@@ -488,9 +490,11 @@ class ChangeProducer:
                 log.log(level, "producer: %s failed %d time%s in a row (%s); next attempt in %.3g s", what, failures,
                         "" if failures == 1 else "s", reason, wait)
             while not stop.is_set():
+                HEARTBEATS.beat("producer")
                 self._refresh_reported(timeout=min(0.2, deadline - time.monotonic()))
                 if time.monotonic() >= deadline:
                     break
+        HEARTBEATS.forget("producer")
 
     def _backoff(self, failures: int) -> float:
         poll = self.cfg.producer.poll_interval_seconds
