@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ClusterMetadata
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from connector.errors import ConfigError
+from connector.errors import ConfigError, first_line
 from connector.kafka.client_logging import (
     ConnectionProblems,
     KafkaErrors,
@@ -165,7 +165,10 @@ class KafkaConnection:
         return AdminClient(self.admin_settings(settings))
 
     def schema_registry(self) -> SchemaRegistryClient:
-        return SchemaRegistryClient(self.schema_registry_settings())
+        try:
+            return SchemaRegistryClient(self.schema_registry_settings())
+        except ValueError as e:  # the client's own check of its settings: never echoes their values
+            raise ConfigError(f"kafka.schema_registry_config: {first_line(e)}") from None
 
 
 def broker_probe(bootstrap: str, settings: Settings = None) -> AdminClient:

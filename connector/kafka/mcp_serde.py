@@ -20,11 +20,25 @@ from datahub.metadata.schema_classes import MetadataChangeProposalClass, SystemM
 from datahub.metadata.schemas import getMetadataChangeProposalSchema
 
 from connector.datahub.aspects import envelope, proposal
+from connector.errors import OperatorError
 from connector.redaction import without_credentials
 
 
 class RegistryUnavailable(Exception):
     """The schema registry did not answer, or refused the MCP schema: nothing can be written."""
+
+
+class RegistryRefused(OperatorError):
+    """The schema registry refused the credentials (HTTP 401) or access (HTTP 403): retrying cannot help."""
+
+
+def refused(registry_url: str, error: SchemaRegistryError) -> RegistryRefused | None:
+    status = getattr(error, "http_status_code", None)
+    if status not in (401, 403):
+        return None
+    what = "the credentials" if status == 401 else "access"
+    return RegistryRefused(f"kafka.schema_registry_config: the schema registry at {registry_url} refused {what} "
+                           f"(HTTP {status}; basic.auth.user.info and basic.auth.credentials.source give them)")
 
 
 class McpSerializer:
@@ -66,6 +80,9 @@ class McpSerializer:
         except SerializationError:
             raise
         except SchemaRegistryError as e:
+            error = refused(self.registry_url, e)
+            if error is not None:
+                raise error from None
             raise RegistryUnavailable(
                 f"schema registry at {self.registry_url} refused subject {self.topic}-value: {e}") from e
         except Exception as e:  # the registry client's transport errors: refused, timeout, DNS
@@ -79,8 +96,16 @@ class McpDeserializer:
     """Reads the MCP topic back into `MetadataChangeProposalClass` objects."""
 
     def __init__(self, registry: SchemaRegistryClient, topic: str) -> None:
+        self.registry_url = without_credentials(registry._rest_client.base_urls[0])  # for messages
         self._avro = AvroDeserializer(registry, schema_str=getMetadataChangeProposalSchema())
         self._ctx = SerializationContext(topic, MessageField.VALUE)
 
     def __call__(self, value: bytes) -> MetadataChangeProposalClass:
-        return MetadataChangeProposalClass.from_obj(self._avro(value, self._ctx), tuples=True)
+        try:
+            record = self._avro(value, self._ctx)
+        except SchemaRegistryError as e:
+            error = refused(self.registry_url, e)
+            if error is not None:
+                raise error from None
+            raise
+        return MetadataChangeProposalClass.from_obj(record, tuples=True)

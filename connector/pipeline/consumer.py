@@ -33,7 +33,7 @@ from connector.datahub.oversize import fit_to_size
 from connector.errors import first_line
 from connector.kafka import state_store
 from connector.kafka.clients import KafkaConnection
-from connector.kafka.mcp_serde import McpSerializer, RegistryUnavailable
+from connector.kafka.mcp_serde import McpSerializer, RegistryRefused, RegistryUnavailable
 from connector.kafka.reading import consume_batch
 from connector.kafka.transactions import TransactionalWriter, WriterWedged, kafka_error
 from connector.observability.http import HEARTBEATS
@@ -225,6 +225,9 @@ class ChangeConsumer:
             self.writer.commit()
         except Exception as e:
             undo.rollback(self.states)
+            if isinstance(e, RegistryRefused):  # wrong credentials: no retry helps; nothing was acknowledged
+                self.writer.abort(e)
+                raise
             wedged = isinstance(e, WriterWedged)
             if not wedged:
                 self.writer.abort(e)
@@ -298,7 +301,7 @@ class ChangeConsumer:
         # all. The registry being unreachable raises RegistryUnavailable: the batch is retried.
         try:
             records = [self._serialize(mcp) for mcp in outcome.mcps]
-        except RegistryUnavailable:
+        except (RegistryUnavailable, RegistryRefused):
             raise
         except Exception as e:
             if isinstance(e, KafkaException) and not isinstance(e, SerializationError):
