@@ -4,7 +4,7 @@ VENV := .venv
 ORIGINAL := .cache/original-venv
 MLFLOW2 := .cache/mlflow2-venv
 
-.PHONY: demo test test-unit lint bench clean stack-down
+.PHONY: demo test test-unit lint bench soak clean stack-down
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ demo: $(VENV)/.installed
 # The whole suite: pure unit tests, then the integration tests on the real local stack.
 test: $(VENV)/.installed $(ORIGINAL)/.installed $(MLFLOW2)/.installed
 	$(VENV)/bin/ruff check connector tests bench
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not soak" tests/unit tests/integration
 
 # The pure tests only (seconds, no stack): the inner loop.
 test-unit: $(VENV)/.installed
@@ -41,6 +41,10 @@ test-unit: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check connector tests bench
+
+# Memory under churn: 50 rounds of creating and deleting runs and models under `run` (RSS within 10%).
+soak: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -s -p no:cacheprovider -m soak tests/integration/test_soak.py
 
 bench: $(VENV)/.installed $(ORIGINAL)/.installed
 	$(VENV)/bin/python bench/benchmark.py

@@ -160,9 +160,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from connector.pipeline.producer import ChangeProducer
-
     cfg, reader = _startup_with_reader(args.config, retry_for_seconds=None)
+    from connector.pipeline.producer import ChangeProducer  # after MLflow's first request (see _startup_with_reader)
+
     producer = ChangeProducer(cfg, reader)
     receiver = _start_webhooks(cfg, producer)
     operations = serve(cfg, mlflow=True, registry=False)
@@ -188,10 +188,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from connector.pipeline.consumer import ChangeConsumer
-    from connector.pipeline.producer import ChangeProducer
-
     cfg, reader = _startup_with_reader(args.config, retry_for_seconds=None)
+    from connector.pipeline.producer import ChangeProducer  # after MLflow's first request (see _startup_with_reader)
+
     stop = _stop_on_signals()
     producer = ChangeProducer(cfg, reader)
     receiver = _start_webhooks(cfg, producer)
@@ -208,8 +207,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return body
 
     def consume(stop: threading.Event) -> None:
-        # Made in its own thread (DataHub's modules, the registry client, the state restore), so that the
-        # producer's first cycle does not wait for it.
+        # Imported and made in its own thread (DataHub's modules, the registry client, the state restore), so
+        # that neither MLflow's first request nor the producer's first cycle waits for it.
+        from connector.pipeline.consumer import ChangeConsumer
+
         ChangeConsumer(cfg, args.instance_id).run(stop)
 
     threads = [threading.Thread(target=guarded(producer.run), name="producer"),

@@ -51,19 +51,17 @@ def confirm_gone(reader: MlflowReader, known: Known, experiment_names: dict[str,
     for key in candidates:
         by_kind.setdefault(kind_of_key(key), []).append(key)
 
-    for key in by_kind.get("EXPERIMENT", []):
-        experiment = _or_none(reader, "get_experiment", reader.tracking.get_experiment, key.split(":", 1)[1])
-        if experiment is None:
-            out.gone.append(key)
-        else:
-            out.alive.append(("EXPERIMENT", experiment_state(experiment)))
-
-    for key in by_kind.get("LOGGED_MODEL", []):
-        model = _or_none(reader, "get_logged_model", reader.tracking.get_logged_model, key.split(":", 1)[1])
-        if model is None:
-            out.gone.append(key)
-        else:
-            out.alive.append(("LOGGED_MODEL", logged_model_state(model)))
+    by_id: list[tuple[EntityKind, str, Callable[..., Any], Callable[[Any], Entity]]] = [
+        ("EXPERIMENT", "get_experiment", reader.tracking.get_experiment, experiment_state),
+        ("LOGGED_MODEL", "get_logged_model", reader.tracking.get_logged_model, logged_model_state),
+    ]
+    for kind, what, get, state_of in by_id:
+        for key in by_kind.get(kind, []):
+            found = _or_none(reader, what, get, key.split(":", 1)[1])
+            if found is None:
+                out.gone.append(key)
+            else:
+                out.alive.append((kind, state_of(found)))
 
     registry = by_kind.get("REGISTERED_MODEL", []) + by_kind.get("MODEL_VERSION", [])
     names = sorted({key.split(":", 1)[1] if key.startswith("registered_model:") else model_version_of_key(key)[0]
