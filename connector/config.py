@@ -264,6 +264,9 @@ class ProducerSettings(_Strict):
     """How far behind the producer's clock the clock of a client that logs runs may be: a run's `start_time`
     is that client's time, so each cycle looks for new runs this far back (the runs watermark never passes
     the producer's own clock)."""
+    clock_skew_check_seconds: float = Field(default=60.0, gt=0)
+    """How often a cycle looks back `max_clock_skew_seconds` for runs from clients with a slow clock (the
+    other cycles look back `watermark_overlap_seconds` only, so an idle cycle reads one page of runs)."""
     page_size: int = Field(default=500, ge=1, le=50000)
     """Page size of MLflow's searches. The consumer works on one page's events while MLflow serves the next, so
     smaller pages leave less work after the last one; larger pages save little at MLflow."""

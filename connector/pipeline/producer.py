@@ -102,6 +102,7 @@ class ChangeProducer:
         self.live_progress: bool | None = None  # a live display of the first snapshot: None = on a terminal
         self._end_offsets: dict[int, int] = {}
         self._unpublished: set[str] = set()  # keys whose latest event could not be published
+        self._last_skew_read = float("-inf")  # when a cycle last looked back max_clock_skew_seconds
         self._restore()
 
     # -- start-up --------------------------------------------------------------------------------
@@ -417,9 +418,12 @@ class ChangeProducer:
     def cycle(self) -> int:
         """One incremental cycle: what changed since the watermarks, published with the new ones."""
         marks = Watermarks.from_dict(self.position.watermarks)
-        changes = read_changes(self.reader, marks, self.known,
-                               int(self.cfg.producer.watermark_overlap_seconds * 1000), now_ms(),
-                               int(self.cfg.producer.max_clock_skew_seconds * 1000))
+        settings = self.cfg.producer
+        skew_due = time.monotonic() - self._last_skew_read >= settings.clock_skew_check_seconds
+        changes = read_changes(self.reader, marks, self.known, int(settings.watermark_overlap_seconds * 1000),
+                               now_ms(), int(settings.max_clock_skew_seconds * 1000) if skew_due else 0)
+        if skew_due:
+            self._last_skew_read = time.monotonic()
         position = replace(self.position, watermarks=marks.advanced(changes.watermarks).to_dict(),
                            partitions=self.partitions)
         return self._publish(changes, position)
