@@ -166,9 +166,7 @@ class ChangeConsumer:
                     METRICS.consumer_lag.set(self._lag())
                     last_lag = time.monotonic()
                 messages = consume_batch(self.consumer, self.cfg.consumer.batch_size, timeout=wait_seconds)
-                # A rebalance inside consume() may revoke a partition whose records were already
-                # fetched: they are its next owner's, never processed here with an empty state.
-                batch = [m for m in messages if not self._skip_error(m) and m.partition() in self.states]
+                batch = self._of_assigned([m for m in messages if not self._skip_error(m)])
                 if batch:
                     self._process_batch(batch, stop)
                 if time.monotonic() - last_report >= progress_seconds and self.stats.events != reported:
@@ -193,6 +191,16 @@ class ChangeConsumer:
             if high >= 0 and position >= 0:
                 lag += max(0, high - position)
         return lag
+
+    def _of_assigned(self, messages: list[Message]) -> list[Message]:
+        """The records of partitions this instance still holds. A rebalance inside consume() may revoke a
+        partition whose records were already fetched: they are its next owner's, and are never processed
+        here with an empty state (nor their offsets committed by this instance)."""
+        kept = [m for m in messages if m.partition() in self.states]
+        if len(kept) != len(messages):
+            log.info("consumer: %d fetched records of revoked partitions left to their next owner",
+                     len(messages) - len(kept))
+        return kept
 
     def _skip_error(self, msg: Message) -> bool:
         error = msg.error()
