@@ -21,7 +21,6 @@ from confluent_kafka import KafkaException
 from connector import __version__
 from connector.config import ConnectorConfig, load
 from connector.errors import CommandFailed, ConfigError, OperatorError
-from connector.observability.http import serve
 from connector.redaction import redact, remember_secrets
 
 if TYPE_CHECKING:
@@ -160,6 +159,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    from connector.pipeline.operations import serve
+
     cfg, reader = _startup_with_reader(args.config, retry_for_seconds=None)
     from connector.pipeline.producer import ChangeProducer  # after MLflow's first request (see _startup_with_reader)
 
@@ -177,6 +178,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     from connector.pipeline.consumer import ChangeConsumer
+    from connector.pipeline.operations import serve
 
     cfg = _startup(args.config)
     consumer = ChangeConsumer(cfg, args.instance_id)
@@ -188,6 +190,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from connector.pipeline.operations import serve
+
     cfg, reader = _startup_with_reader(args.config, retry_for_seconds=None)
     from connector.pipeline.producer import ChangeProducer  # after MLflow's first request (see _startup_with_reader)
 

@@ -17,17 +17,11 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from connector.errors import first_line
 from connector.observability.metrics import METRICS
-
-if TYPE_CHECKING:
-    from confluent_kafka.admin import AdminClient
-
-    from connector.config import ConnectorConfig
 
 log = logging.getLogger("connector.operations")
 
@@ -147,35 +141,3 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(503 if failures else 200, {"ready": not failures, "not_answering": failures})
         else:
             self._json(404, {"error": "not found: /metrics, /livez, /readyz"})
-
-
-def dependency_checks(cfg: ConnectorConfig, mlflow: bool, registry: bool) -> dict[str, Callable[[], None]]:
-    """A check per dependency the process uses: each raises when its dependency does not answer."""
-    from connector.kafka.clients import KafkaConnection
-
-    connection = KafkaConnection(cfg.kafka)
-    admin = connection.admin()
-    checks: dict[str, Callable[[], None]] = {}
-    if mlflow:
-        from connector.mlflow.reader import MlflowReader, reader_settings
-
-        reader = MlflowReader(reader_settings(cfg, retry_for_seconds=0))
-        checks["MLflow"] = reader.check
-    checks["Kafka"] = lambda: _kafka_answers(admin)
-    if registry:
-        client = connection.schema_registry()
-        checks["schema registry"] = lambda: client.get_subjects() and None
-    return checks
-
-
-def _kafka_answers(admin: AdminClient) -> None:
-    admin.list_topics(timeout=5)
-
-
-def serve(cfg: ConnectorConfig, mlflow: bool, registry: bool) -> OperationsServer | None:
-    """The operations endpoint of `run`, `produce` or `consume`, when `metrics` is configured."""
-    if cfg.metrics is None:
-        return None
-    m = cfg.metrics
-    readiness = Readiness(dependency_checks(cfg, mlflow, registry), m.check_interval_seconds).start()
-    return OperationsServer(m.listen_address(), HEARTBEATS, readiness, m.stall_seconds).start()
