@@ -148,26 +148,32 @@ class ChangeProducer:
                 self.experiment_names[experiment_id] = summary["name"]
 
     def _restore_from_change_topic(self) -> None:
-        """Once, after an upgrade: what was published, from the change topic itself; then written as
-        summaries, so that the next start reads those."""
+        """Once, after an upgrade: what was published, from the change topic itself, made into the
+        summaries a normal start reads; then written, so that the next start reads those."""
         events = 0
+        summaries: dict[str, dict[str, Any] | None] = {}
         for msg in read_committed(self.connection, self.topics.changes, role="producer restore"):
             events += 1
             try:
                 event = codec.decode(msg.value())
             except codec.DecodeError:
                 continue
-            self._remember(event)
+            if event["kind"] != "SNAPSHOT":
+                after = event["after"]
+                summaries[event["key"]] = None if after is None else Known.summary(event["kind"], after)  # type: ignore[arg-type]
+        present = {key: summary for key, summary in summaries.items() if summary is not None}
+        for key, summary in summaries.items():
+            self._restore_summary(key, summary)
         log.info("no summaries of published entities yet: %d change events read; writing %d summaries", events,
-                 len(self.published))
-        keys = sorted(self.published)
+                 len(present))
+        keys = sorted(present)
         for start in range(0, len(keys), 5000):
             chunk = keys[start:start + 5000]
 
             def fill(writer: TransactionalWriter, chunk: list[str] = chunk) -> None:
                 for key in chunk:
                     writer.produce(self.topics.producer_offsets, known_key(self.cfg, key),
-                                   json.dumps(self._summary_of(key)).encode())
+                                   json.dumps(present[key]).encode())
 
             self.writer.transaction_with_retry(fill, f"{len(chunk)} summaries")
 
@@ -203,20 +209,6 @@ class ChangeProducer:
         summary = self.known.summary(event["kind"], event["after"])
         if self.published.get(key) != summary["fp"]:
             writer.produce(self.topics.producer_offsets, known_key(self.cfg, key), json.dumps(summary).encode())
-
-    def _summary_of(self, key: str) -> dict[str, Any]:
-        """The summary `Known` holds of a published key (for writing it again)."""
-        kind = kind_of_key(key)
-        summary: dict[str, Any] = {"kind": kind, "fp": self.published[key]}
-        if kind == "RUN":
-            summary["active"] = key.split(":", 1)[1] in self.known.active_runs
-        elif kind == "MODEL_VERSION":
-            name, _, version = key.split(":", 1)[1].rpartition("/")
-            summary["own"] = self.known.version_own.get(key)
-            summary["run_id"] = self.known.run_of_version.get((name, version))
-        elif kind == "EXPERIMENT":
-            summary["name"] = self.experiment_names.get(key.split(":", 1)[1], "")
-        return summary
 
     def _commit(self, events: Iterable[tuple[ChangeEvent, int | None]], position: Position | None = None) -> None:
         """One transaction: the events, then (optionally) the new position."""
