@@ -79,7 +79,7 @@ def confirm_gone(reader: MlflowReader, known: Known, experiment_names: dict[str,
         if found:
             changes = ChangeSet()
             # Every state, changed or not: `Known` must not filter what the snapshot has to see.
-            assemble(reader, _Unfiltered(known), experiment_names, {}, {}, found, changes)
+            assemble(reader, known, experiment_names, {}, {}, found, changes, changed=lambda kind, entity: True)
             out.alive += changes.entities
     # Only the candidates themselves: the other states these reads joined (a model's runs, a run's
     # versions) were listed by the snapshot already, and joined here with what `Known` held before it.
@@ -87,14 +87,3 @@ def confirm_gone(reader: MlflowReader, known: Known, experiment_names: dict[str,
     out.alive = [(kind, entity) for kind, entity in out.alive if entity_key(kind, entity) in wanted]
     return out
 
-
-class _Unfiltered(Known):
-    """`Known` whose every state counts as changed, with the joins of the real one."""
-
-    def __init__(self, known: Known) -> None:
-        super().__init__(fingerprints={}, version_own=known.version_own, versions_by_run=known.versions_by_run,
-                         run_of_version=known.run_of_version, versions_by_model=known.versions_by_model,
-                         active_runs=known.active_runs)
-
-    def changed(self, kind: EntityKind, entity: Entity) -> bool:
-        return True

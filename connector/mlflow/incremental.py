@@ -19,7 +19,7 @@ the producer's fingerprints keep the overlap from publishing anything twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,10 +274,12 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
 
 def assemble(reader: MlflowReader, known: Known, names: dict[str, str], model_states: dict[str, RegisteredModel],
               versions: dict[tuple[str, str], MlflowModelVersion], runs: dict[str, MlflowRun], out: ChangeSet,
-              extra_runs: Iterable[str] = ()) -> None:
+              extra_runs: Iterable[str] = (), changed: Callable[[EntityKind, Entity], bool] | None = None) -> None:
     """Join runs and versions into self-contained states: fetch the runs that versions come from
     (and `extra_runs`, and the runs of versions deleted in `out`), the versions that runs produced,
-    and append every state to `out`."""
+    and append every state to `out`. A run's state is appended when `changed` says so (by default,
+    when it differs from what `known` holds); versions always are."""
+    changed = changed or known.changed
     ids = list(names)
     deleted = {model_version_of_key(k) for k in out.deleted_keys if k.startswith("model_version:")}
     wanted = (set(extra_runs) | {v.run_id for v in versions.values() if v.run_id}
@@ -294,7 +296,7 @@ def assemble(reader: MlflowReader, known: Known, names: dict[str, str], model_st
     for run_id, run in runs.items():
         state = run_state(run, names.get(str(run.info.experiment_id), ""), refs[run_id])
         summaries[run_id] = run_summary(state)
-        if known.changed("RUN", state):
+        if changed("RUN", state):
             changed_runs.append(run_id)
             out.entities.append(("RUN", state))
     # The versions a changed run produced carry its params and metrics: re-read them too.
