@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,27 +29,13 @@ from connector.mlflow.incremental import read_model
 from connector.mlflow.reader import MlflowReader, ReaderSettings, reader_settings
 from connector.pipeline.producer import ChangeProducer
 from tests.conftest import ConfigFactory, Kafka, read_to_end
+from tests.hostile_names import END_TO_END, urns_in
 from tests.integration.test_deletions import consume_until, mcps
 
 SETTINGS = MappingSettings()
-NAMES = [
-    "O'Brien", 'say "hi"', "both ' and \" quotes", "back\\slash", "trail\\", "\\'", "dq\"\\", "a\\nb \\x41",
-    "a,b(c)", "(paren) and, comma", "semi;colon", "50% off_", "ünï 模型", "emoji 🚀", "x" * 250,
-]
+NAMES = END_TO_END
 DELETED_VERSION = "O'Brien"  # its version 1 is deleted in MLflow: the one DELETE there must be
 OVER_LONG = "ü" * 100  # 100 characters, 600 bytes URL-encoded: its URNs are over DataHub's limit (512)
-
-
-def _urns_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        if value.startswith("urn:li:"):
-            yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _urns_in(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _urns_in(v)
 
 
 class Changes:
@@ -150,7 +135,7 @@ def test_hostile_names_are_read_followed_and_written(own_mlflow: MlflowServer, k
     # Every URN written parses (and round-trips) with DataHub's own Urn class.
     records = mcps(kafka, cfg)
     for urn, _, value in records:
-        for one in [urn, *_urns_in(value)]:
+        for one in [urn, *urns_in(value)]:
             assert str(Urn.from_string(one)) == one, one
     statuses: dict[str, Any] = {urn: value for urn, aspect, value in records if aspect == "status"}
     gone = model_urn(DELETED_VERSION, "1", SETTINGS)

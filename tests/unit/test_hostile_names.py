@@ -38,15 +38,8 @@ from connector.mlflow.reader import (
     value_searches,
 )
 from tests import mlflow_objects as mo
+from tests.hostile_names import HOSTILE, urns_in
 
-# Names MLflow accepts for registered models (no `/` or `:`), experiments and dataset inputs.
-HOSTILE = [
-    "O'Brien", 'say "hi"', "both ' and \"", "back\\slash", "trail\\", "\\", "\\'", "'\\", "dq\"\\", "a\\nb",
-    "end\\\\", "\\x41", "\\N{BULLET}", "\\u0041", "line\nbreak", "cr\rlf", "tab\tx", "nul\x00x", "\x0bvt",
-    "\u2028sep", "a,b(c)", "(", ")", ",", "x␟y", "semi;colon", "50% off_", "100%", "_", "ünï 模型", "emoji 🚀",
-    "''", '""', "' OR '1'='1", "name IN ('x')", ") OR (", "--comment", "/* c */", "a%2Cb", "urn:li:corpuser:x",
-    " padded ", "x" * 250, "🚀" * 250, "é" * 600,
-]
 ORDINARY = ["demo classifier", "model without versions", "demo/m x", "my-model.v2", "Ünicode", "a b  c",
             "O'Brien", "50%", "back\\slash", "semi;colon"]
 
@@ -237,18 +230,6 @@ def test_reserved_characters_are_encoded_as_datahubs_typed_classes_do(name: str)
     assert MlModelUrn.from_string(model_urn(name, "1", settings)).name == UrnEncoder.encode_string(f"{name}_1")
 
 
-def _urns_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        if value.startswith("urn:li:"):
-            yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _urns_in(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _urns_in(v)
-
-
 def _events(name: str) -> list[ChangeEvent]:
     run = mo.run(run_name=name, datasets=[mo.dataset_input(name, "local"), mo.dataset_input(name, "s3")],
                  params={name: name}, tags={name: name})
@@ -273,7 +254,7 @@ def test_every_urn_written_for_a_hostile_name_parses_and_round_trips(name: str, 
         for mcp in entity.mcps:
             assert mcp.entityUrn is not None and mcp.aspect is not None
             aspect = json.loads(json.dumps(mcp.aspect.to_obj()))
-            for urn in [mcp.entityUrn, *_urns_in(aspect)]:
+            for urn in [mcp.entityUrn, *urns_in(aspect)]:
                 parsed = Urn.from_string(urn)
                 assert str(parsed) == urn
                 assert urn_bytes(urn) <= MAX_URN_BYTES
