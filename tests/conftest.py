@@ -9,10 +9,12 @@ at the end if it started it).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import yaml
 from confluent_kafka import Message
 
 from connector.config import ConnectorConfig, KafkaConfig, parse
+from connector.devstack.layout import ENV_STACK_DIR, PORT_ENV
 from connector.devstack.mlflow_server import MlflowServer
 from connector.kafka.clients import KafkaConnection
 from connector.kafka.reading import read_committed
@@ -143,3 +146,37 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300
         [sys.executable, "-m", "connector.cli", *args], capture_output=True, text=True, timeout=timeout,
         cwd=REPO, env={**os.environ, **(env or {})},
     )
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports free at the moment of asking."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def private_stack_env(root: Path) -> dict[str, str]:
+    """The environment of a local stack of its own: its root, and a free port for every service (the
+    variables of `connector.devstack.layout.PORT_ENV`), out of the way of the shared test stack."""
+    return {ENV_STACK_DIR: str(root), **{var: str(port) for var, port in zip(PORT_ENV, free_ports(len(PORT_ENV)),
+                                                                            strict=True)}}
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`os.environ` with `values` set, restored afterwards (for code that reads the environment itself)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,38 +30,13 @@ import yaml
 from connector.config import ConnectorConfig, parse
 from connector.devstack import secure, stack
 from connector.devstack.installs import check_java
-from connector.devstack.layout import ENV_STACK_DIR, PORT_ENV, SecureListeners
+from connector.devstack.layout import SecureListeners
 from connector.devstack.mlflow_server import MlflowServer
 from connector.pipeline.dump import read_mcps
-from tests.conftest import REPO, ConfigFactory, run_cli
+from tests.conftest import REPO, ConfigFactory, environment, private_stack_env, run_cli
 
 FAIL_WITHIN_S = 30.0
 COMMANDS = ("produce", "consume", "run", "snapshot", "replay", "dump")
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass(frozen=True)
@@ -89,16 +62,15 @@ class Secured:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     root = tmp_path_factory.mktemp("secured-stack")
-    env = {ENV_STACK_DIR: str(root), **{var: str(port) for var, port in zip(PORT_ENV, _free_ports(len(PORT_ENV)),
-                                                                            strict=True)}}
-    with _environment(env):
+    env = private_stack_env(root)
+    with environment(env):
         plaintext, listeners = stack.kafka_up(secure=True)
     try:
         assert listeners is not None
         password = listeners.client_settings()["sasl.password"]
         yield Secured(env=env, plaintext=plaintext, listeners=listeners, password=password)
     finally:
-        with _environment(env):
+        with environment(env):
             stack.down()
 
 
@@ -328,7 +300,7 @@ def test_authentication_lost_while_running_is_said(secured: Secured, demo_mlflow
     try:
         _wait("the consumer to start", lambda: "consumer rotated reading" in consumer.err.read_text(), 60, [consumer])
         secure.delete_scram_user(secured.plaintext, user)
-        with _environment(secured.env):
+        with environment(secured.env):
             stack.kafka_restart()
         _wait("a warning that authentication failed",
               lambda: "authentication failed (SASL SCRAM-SHA-512, user 'rotated-user')" in consumer.err.read_text(),

@@ -23,7 +23,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from connector.devstack import stack
-from tests.conftest import run_cli
+from tests.conftest import free_ports, private_stack_env, run_cli
 
 PORT_VARS = (
     "MLFLOW_DATAHUB_KAFKA_PORT",
@@ -41,17 +41,6 @@ class RunningStack:
     endpoints: stack.Endpoints
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _pids(root: Path) -> dict[str, int | None]:
     return {s.name: s.pid for s in stack.status(root)}
 
@@ -67,11 +56,11 @@ def _pid_alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     root = tmp_path_factory.mktemp("stack-root")
-    ports = dict(zip(PORT_VARS + SECURE_PORT_VARS, _free_ports(len(PORT_VARS + SECURE_PORT_VARS)), strict=True))
+    env = private_stack_env(root)
+    ports = {var: int(value) for var, value in env.items() if var in PORT_VARS + SECURE_PORT_VARS}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_DATAHUB_STACK_DIR", str(root))
-        for var, port in ports.items():
-            patch.setenv(var, str(port))
+        for var, value in env.items():
+            patch.setenv(var, value)
         try:
             endpoints = stack.up()
             yield RunningStack(root=root, ports=ports, endpoints=endpoints)
@@ -291,7 +280,7 @@ def test_port_in_use(running: RunningStack, tmp_path: Path, monkeypatch: pytest.
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        for var, port in zip(PORT_VARS[:3], _free_ports(3), strict=True):
+        for var, port in zip(PORT_VARS[:3], free_ports(3), strict=True):
             monkeypatch.setenv(var, str(port))
         monkeypatch.setenv("MLFLOW_DATAHUB_MLFLOW_PORT", str(taken))
         with pytest.raises(stack.StackError, match=rf"^port {taken} \(mlflow\) is in use by another process"):
@@ -304,7 +293,7 @@ def test_missing_java_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     empty_bin.mkdir()
     monkeypatch.setenv("PATH", str(empty_bin))
     monkeypatch.setenv("MLFLOW_DATAHUB_STACK_DIR", str(tmp_path / "root"))
-    for var, port in zip(PORT_VARS, _free_ports(len(PORT_VARS)), strict=True):
+    for var, port in zip(PORT_VARS, free_ports(len(PORT_VARS)), strict=True):
         monkeypatch.setenv(var, str(port))
     with pytest.raises(stack.StackError, match="Java 17 or newer is required"):
         stack.up()
