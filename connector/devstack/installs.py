@@ -150,78 +150,66 @@ def _publish(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
 
 
-def install_kafka(layout: Layout, progress: Callable[[str], None]) -> None:
-    if _kafka_installed(layout):
+def _install(layout: Layout, progress: Callable[[str], None], what: str, label: str, home: Path,
+             installed: Callable[[Layout], bool], fetch: Callable[[str, Path], tuple[Path, str]]) -> None:
+    """One install: under the cache's lock (another process may be installing the same), into a fresh
+    temporary folder (`fetch(mvn, tmp)` fills it and returns the folder to publish and a detail for the
+    last line), published by one rename, so that an interrupted install leaves nothing half there."""
+    if installed(layout):
         return
     mvn = _check_mvn()
     with locked(layout.cache / ".lock", progress, "install"):
-        if _kafka_installed(layout):
+        if installed(layout):
             return
         started = time.monotonic()
-        progress(f"installing Kafka {KAFKA_VERSION} into {layout.kafka_home} (Maven) ...")
-        tmp = _fresh_tmp(layout.cache, "kafka")
+        progress(f"installing {what} into {home} (Maven) ...")
+        tmp = _fresh_tmp(layout.cache, label)
         try:
-            (tmp / "pom.xml").write_text(_KAFKA_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
-            _run_mvn(
-                [
-                    mvn,
-                    "-q",
-                    "-B",
-                    "-f",
-                    str(tmp / "pom.xml"),
-                    "dependency:copy-dependencies",
-                    f"-DoutputDirectory={tmp / 'libs'}",
-                    "-DincludeScope=runtime",
-                ],
-                cwd=tmp,
-                what=f"Kafka {KAFKA_VERSION}",
-            )
-            jars = list((tmp / "libs").glob("*.jar"))
-            if not (tmp / "libs" / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file():
-                raise StackError(f"Maven finished but kafka_2.13-{KAFKA_VERSION}.jar is missing in {tmp}")
-            _publish(tmp, layout.kafka_home)
+            built, detail = fetch(mvn, tmp)
+            _publish(built, home)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        progress(f"installed Kafka {KAFKA_VERSION} ({len(jars)} jars) in {time.monotonic() - started:.0f} s")
+        progress(f"installed {what}{detail} in {time.monotonic() - started:.0f} s")
+
+
+def _fetch_kafka(mvn: str, tmp: Path) -> tuple[Path, str]:
+    """The broker's jars and their runtime dependencies, as Maven resolves them."""
+    (tmp / "pom.xml").write_text(_KAFKA_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+    _run_mvn([mvn, "-q", "-B", "-f", str(tmp / "pom.xml"), "dependency:copy-dependencies",
+              f"-DoutputDirectory={tmp / 'libs'}", "-DincludeScope=runtime"],
+             cwd=tmp, what=f"Kafka {KAFKA_VERSION}")
+    jars = list((tmp / "libs").glob("*.jar"))
+    if not (tmp / "libs" / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file():
+        raise StackError(f"Maven finished but kafka_2.13-{KAFKA_VERSION}.jar is missing in {tmp}")
+    return tmp, f" ({len(jars)} jars)"
+
+
+def _fetch_apicurio(mvn: str, tmp: Path) -> tuple[Path, str]:
+    """Apicurio Registry's `all` zip, unpacked: the folder of its runner jar."""
+    download = tmp / "download"
+    _run_mvn([mvn, "-q", "-B", "dependency:copy",
+              f"-Dartifact=io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:zip:all",
+              f"-DoutputDirectory={download}"],
+             cwd=tmp, what=f"Apicurio Registry {APICURIO_VERSION}")
+    archive = download / f"apicurio-registry-app-{APICURIO_VERSION}-all.zip"
+    if not archive.is_file():
+        raise StackError(f"Maven finished but {archive.name} is missing in {download}")
+    app = tmp / "app"
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(app)
+    runners = list(app.rglob(f"apicurio-registry-app-{APICURIO_VERSION}-runner.jar"))
+    if not runners:
+        raise StackError(f"{archive.name} has no apicurio-registry-app-{APICURIO_VERSION}-runner.jar")
+    return runners[0].parent, ""
+
+
+def install_kafka(layout: Layout, progress: Callable[[str], None]) -> None:
+    _install(layout, progress, f"Kafka {KAFKA_VERSION}", "kafka", layout.kafka_home, _kafka_installed, _fetch_kafka)
 
 
 def install_apicurio(layout: Layout, progress: Callable[[str], None]) -> None:
-    if _apicurio_installed(layout):
-        return
-    mvn = _check_mvn()
-    with locked(layout.cache / ".lock", progress, "install"):
-        if _apicurio_installed(layout):
-            return
-        started = time.monotonic()
-        progress(f"installing Apicurio Registry {APICURIO_VERSION} into {layout.apicurio_home} (Maven) ...")
-        tmp = _fresh_tmp(layout.cache, "apicurio")
-        try:
-            download = tmp / "download"
-            _run_mvn(
-                [
-                    mvn,
-                    "-q",
-                    "-B",
-                    "dependency:copy",
-                    f"-Dartifact=io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:zip:all",
-                    f"-DoutputDirectory={download}",
-                ],
-                cwd=tmp,
-                what=f"Apicurio Registry {APICURIO_VERSION}",
-            )
-            archive = download / f"apicurio-registry-app-{APICURIO_VERSION}-all.zip"
-            if not archive.is_file():
-                raise StackError(f"Maven finished but {archive.name} is missing in {download}")
-            app = tmp / "app"
-            with zipfile.ZipFile(archive) as zipped:
-                zipped.extractall(app)
-            runners = list(app.rglob(f"apicurio-registry-app-{APICURIO_VERSION}-runner.jar"))
-            if not runners:
-                raise StackError(f"{archive.name} has no apicurio-registry-app-{APICURIO_VERSION}-runner.jar")
-            _publish(runners[0].parent, layout.apicurio_home)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        progress(f"installed Apicurio Registry {APICURIO_VERSION} in {time.monotonic() - started:.0f} s")
+    _install(layout, progress, f"Apicurio Registry {APICURIO_VERSION}", "apicurio", layout.apicurio_home,
+             _apicurio_installed, _fetch_apicurio)
 
 
 # --------------------------------------------------------------------------------------------
