@@ -3,7 +3,8 @@ MLflow across a network is, and stamps each request's arrival (the bench's clock
 request").
 
 It runs as a process of its own (`python -m bench.proxy`), so that copying the answers costs the bench's
-process nothing. Per client connection, one connection to the server and two pumps. A request is the
+process nothing: `connector.devstack.forwarder.Forwarder` (per client connection, one connection to the
+server and two pumps), which the tests use for outages too. A request is the
 first bytes a client sends after the server's last answer (HTTP/1.1 without pipelining, which is what
 MLflow's client and DataHub's source speak): those bytes wait N ms before they are passed on, and the
 time and first line of each request are written to the request log, one line each:
@@ -13,85 +14,33 @@ time and first line of each request are written to the request log, one line eac
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from connector.devstack.forwarder import Forwarder
 
-class Proxy:
-    def __init__(self, target: tuple[str, int], latency_ms: float, log: IO[str]) -> None:
-        self.target = target
-        self.delay = latency_ms / 1000
-        self.log = log
-        self.lock = threading.Lock()
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(128)
-        self.port = self.listener.getsockname()[1]
 
-    def serve(self) -> None:
-        while True:
-            client, _ = self.listener.accept()
-            threading.Thread(target=self._connection, args=(client,), daemon=True).start()
+def stamp_and_hold(latency_ms: float, log: IO[str]) -> Callable[[bytes], None]:
+    """What the proxy does with each request's first bytes: note its arrival, then hold it."""
+    delay = latency_ms / 1000
+    lock = threading.Lock()
 
-    def _connection(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(self.target)
-        except OSError:
-            client.close()
-            return
-        for s in (client, upstream):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        answered = threading.Event()
-        answered.set()  # the first bytes from the client begin a request
-        threading.Thread(target=self._answers, args=(upstream, client, answered), daemon=True).start()
-        try:
-            while True:
-                data = client.recv(262144)
-                if not data:
-                    break
-                if answered.is_set():  # a new request
-                    answered.clear()
-                    now = time.time()
-                    line = data.split(b"\r\n", 1)[0].decode(errors="replace")
-                    method, _, rest = line.partition(" ")
-                    with self.lock:
-                        self.log.write(f"{now:.6f} {method} {rest.rsplit(' ', 1)[0]}\n")
-                        self.log.flush()
-                    if self.delay:
-                        time.sleep(self.delay)
-                upstream.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (upstream, client):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def on_request(data: bytes) -> None:
+        now = time.time()
+        line = data.split(b"\r\n", 1)[0].decode(errors="replace")
+        method, _, rest = line.partition(" ")
+        with lock:
+            log.write(f"{now:.6f} {method} {rest.rsplit(' ', 1)[0]}\n")
+            log.flush()
+        if delay:
+            time.sleep(delay)
 
-    @staticmethod
-    def _answers(upstream: socket.socket, client: socket.socket, answered: threading.Event) -> None:
-        try:
-            while True:
-                data = upstream.recv(262144)
-                if not data:
-                    break
-                answered.set()
-                client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (client, upstream):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+    return on_request
 
 
 class LatencyProxy:
@@ -147,9 +96,9 @@ def main() -> int:
     args = p.parse_args()
     host, _, port = args.target.rpartition(":")
     with open(Path(args.log), "a") as log:
-        proxy = Proxy((host, int(port)), args.latency_ms, log)
+        proxy = Forwarder((host, int(port)), stamp_and_hold(args.latency_ms, log)).open()
         print(proxy.port, flush=True)  # the bench reads the port from the first line
-        proxy.serve()
+        threading.Event().wait()
     return 0
 
 

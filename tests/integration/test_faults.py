@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from connector.contract import codec
 from connector.contract.envelope import source_block
 from connector.datahub.mapping import MappingSettings, experiment_urn, model_urn, run_urn
 from connector.devstack import stack
+from connector.devstack.forwarder import Forwarder
 from connector.devstack.mlflow_server import MlflowServer, free_port
 from connector.kafka.topics import ensure_topics
 from connector.mlflow.reader import MlflowReader, reader_settings
@@ -229,57 +229,6 @@ def test_malformed_records_go_to_dead_letter_topic(own_mlflow: MlflowServer, bas
 # -- schema registry unreachable --------------------------------------------------------------------
 
 
-class SwitchableProxy:
-    """A TCP port in front of the schema registry that refuses connections until opened.
-
-    The socket is bound from the start (so the port stays ours) but does not listen, so a
-    connection attempt is refused, as for a registry that is down; open() starts listening and
-    forwarding to the real registry."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.server = socket.socket()
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.connections: list[socket.socket] = []
-        self.closed = threading.Event()
-
-    def open(self) -> None:
-        self.server.listen(16)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.connections += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.closed.set()
-        for s in [self.server, *self.connections]:
-            s.close()
-
-
 def committed_offsets(kafka: Kafka, group: str, topic: str, partitions: int) -> dict[int, int]:
     client = AdminClient({"bootstrap.servers": kafka.bootstrap})
     request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in range(partitions)])
@@ -304,7 +253,7 @@ def test_schema_registry_unreachable(own_mlflow: MlflowServer, base: Entities, k
                                      make_config: ConfigFactory, caplog: pytest.LogCaptureFixture) -> None:
     registry = kafka.registry.split("//", 1)[1].split("/", 1)
     host, port = registry[0].rsplit(":", 1)
-    proxy = SwitchableProxy((host, int(port)))
+    proxy = Forwarder((host, int(port)))  # refuses connections until opened, as a registry that is down
     proxied = f"http://127.0.0.1:{proxy.port}/{registry[1]}"
     try:
         _, cfg = make_config(own_mlflow.uri, {"kafka": {"schema_registry_url": proxied}})
@@ -342,13 +291,14 @@ def test_schema_registry_unreachable(own_mlflow: MlflowServer, base: Entities, k
         # Committed: just past the last event of each partition (the SNAPSHOT_END marker).
         assert committed_offsets(kafka, cfg.kafka.consumer_group, topics.changes, partitions) == \
             {p: o + 1 for p, o in summary.end_offsets.items()}
+
+        # Exactly once: the same as a consumer that never saw the registry down writes from the same events
+        # (read back through the same registry address).
+        written = aspects(cfg)
+        assert len(written) == sum(consumer.stats.mcps.values()) > 0
+        assert base.wanted <= {(urn, name) for urn, name, _ in written}
     finally:
         proxy.close()
-
-    # Exactly once: the same as a consumer that never saw the registry down writes from the same events.
-    written = aspects(cfg)
-    assert len(written) == sum(consumer.stats.mcps.values()) > 0
-    assert base.wanted <= {(urn, name) for urn, name, _ in written}
     _, reference = make_config(own_mlflow.uri, {"kafka": {"topics": {"changes": topics.changes}}}, "ref.yml")
     ensure_topics(reference)
     _, ref_stop, ref_thread = consume_until(reference, summary.end_offsets, "faults-registry-ref")
