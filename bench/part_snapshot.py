@@ -81,8 +81,13 @@ def profile_snapshot(b: Bench) -> None:
 
     path, _ = b.config("snapshot-profile")
     out = b.workdir / "snapshot.prof"
-    child = Child([sys.executable, "-m", "cProfile", "-o", out, "-m", "connector.cli", "snapshot", "-c", path],
-                  b.workdir / "snapshot-profile")
+    # The command ends with os._exit after running the exit functions (connector/cli.py): `python -m cProfile`
+    # would never write its file, so the profile is written by an exit function of its own.
+    code = ("import atexit, cProfile, runpy, sys; profile = cProfile.Profile(); "
+            f"atexit.register(lambda: profile.dump_stats({str(out)!r})); "
+            f"sys.argv = ['mlflow-datahub', 'snapshot', '-c', {str(path)!r}]; profile.enable(); "
+            "runpy.run_module('connector.cli', run_name='__main__')")
+    child = Child([sys.executable, "-c", code], b.workdir / "snapshot-profile")
     fin = child.wait(b.args.timeout * 3)
     if fin.rc != 0:
         raise RuntimeError(f"profiled snapshot failed:\n{tail(fin.stderr)}")

@@ -197,49 +197,40 @@ class ChangeProducer:
         self.writer.produce(self.topics.changes, event["key"].encode(), value, on_delivery=self._on_delivery, **kwargs)
         return True
 
-    def _summary_write(self, writer: TransactionalWriter, event: ChangeEvent) -> None:
-        """The entity's summary into the producer-offsets topic, when it differs from the one there."""
-        if event["kind"] == "SNAPSHOT":
-            return
+    def _summary_write(self, writer: TransactionalWriter, event: ChangeEvent) -> dict[str, Any] | None:
+        """The entity's summary into the producer-offsets topic, when it differs from the one there.
+        Returns the summary (None for a DELETE), made once for both the topic and `Known`."""
         key = event["key"]
         if event["after"] is None:
             if key in self.published:
                 writer.produce(self.topics.producer_offsets, known_key(self.cfg, key), None)
-            return
-        summary = self.known.summary(event["kind"], event["after"])
+            return None
+        summary = Known.summary(event["kind"], event["after"])
         if self.published.get(key) != summary["fp"]:
             writer.produce(self.topics.producer_offsets, known_key(self.cfg, key), json.dumps(summary).encode())
+        return summary
 
     def _commit(self, events: Iterable[tuple[ChangeEvent, int | None]], position: Position | None = None) -> None:
-        """One transaction: the events, then (optionally) the new position."""
+        """One transaction: the events, then (optionally) the new position. Once it is committed, what it
+        published is what `Known` holds (an event that could not be published at all leaves it as it was)."""
         batch = list(events)
+        published: dict[str, dict[str, Any] | None] = {}  # key -> summary of its last event in the batch
 
         def fill(writer: TransactionalWriter) -> None:
+            published.clear()
             for event, partition in batch:
-                if self._send(event, partition):
-                    self._summary_write(writer, event)
+                if self._send(event, partition) and event["kind"] != "SNAPSHOT":
+                    published[event["key"]] = self._summary_write(writer, event)
             if position is not None:
                 writer.produce(self.topics.producer_offsets, self.position_key, position.to_json())
 
         self.writer.transaction_with_retry(fill, f"transaction of {len(batch)} events")
         METRICS.produced((event["kind"], event["op"]) for event, _ in batch)
-        for event, _ in batch:
-            self._remember(event)
+        for key, summary in published.items():
+            if key not in self._unpublished:
+                self._restore_summary(key, summary)
         if position is not None:
             self.position = position
-
-    def _remember(self, event: ChangeEvent) -> None:
-        if event["kind"] == "SNAPSHOT":
-            return
-        if event["key"] in self._unpublished:
-            return
-        self.known.remember(event["kind"], event["key"], event["after"])  # type: ignore[arg-type]
-        if event["kind"] == "EXPERIMENT":
-            after = event["after"]
-            if after is not None:
-                self.experiment_names[after["experiment_id"]] = after["name"]  # type: ignore[typeddict-item]
-            else:
-                self.experiment_names.pop(event["key"].split(":", 1)[1], None)
 
     def _markers(self, op: str, snapshot_id: str, read_at: int, complete: bool = False,
                  entities: int = 0) -> list[tuple[ChangeEvent, int | None]]:
