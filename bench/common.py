@@ -161,6 +161,15 @@ class Bench:
 
         return KafkaConnection(KafkaConfig(bootstrap_servers=self.bootstrap, schema_registry_url=self.registry))
 
+    @staticmethod
+    def machine_busy_seconds() -> float:
+        """CPU time the whole machine has been busy so far, all cores and processes together (`/proc/stat`:
+        everything but idle and I/O wait). Over a round, against cores x wall time: how much of the
+        machine the round left unused (the broker and the registry included)."""
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
     def server_cpu_seconds(self) -> float:
         """CPU time the MLflow server's processes have used so far."""
         return tree_cpu_seconds(self.server.process.pid)  # type: ignore[union-attr]

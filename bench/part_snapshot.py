@@ -4,6 +4,7 @@ the CPU of the command and of the MLflow server; --profile adds a cProfile of an
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,16 +22,18 @@ def part_c(b: Bench) -> None:
     rounds: list[tuple[Child, Finished, float]] = []
     for i in range(b.args.repeat_snapshot):
         path, data = b.config(f"snapshot-{i + 1}")
-        cpu0 = b.server_cpu_seconds()
+        cpu0, busy0 = b.server_cpu_seconds(), b.machine_busy_seconds()
         child = Child(connector_cli("snapshot", "-c", path), b.workdir / f"snapshot-{i + 1}")
         fin = child.wait(b.args.timeout)
+        busy = b.machine_busy_seconds() - busy0
         b.server.access.settle()  # type: ignore[union-attr]
         server_cpu = b.server_cpu_seconds() - cpu0
         if fin.rc != 0:
             raise RuntimeError(f"snapshot failed ({fin.rc}):\n{tail(fin.stderr)}\n{tail(fin.stdout)}")
-        rounds.append((child, fin, server_cpu))
-    walls = [fin.wall for _, fin, _ in rounds]
-    child, fin, server_cpu = sorted(rounds, key=lambda r: r[1].wall)[len(rounds) // 2]
+        rounds.append((child, fin, server_cpu, busy))
+    walls = [fin.wall for _, fin, _, _ in rounds]
+    child, fin, server_cpu, busy = sorted(rounds, key=lambda r: r[1].wall)[len(rounds) // 2]
+    cores = len(os.sched_getaffinity(0))
     end = child.started + fin.wall
     requests = b.requests(child.started, end + 0.5)
     mcps = int(re.search(r"MCPs acknowledged on \S+: (\d+)", fin.stdout).group(1))  # type: ignore[union-attr]
@@ -56,12 +59,15 @@ def part_c(b: Bench) -> None:
                "events": events,
                "requests": len(requests), "request_endpoints": endpoint_counts(requests),
                "maxrss_mb": fin.maxrss_mb, "cpu_seconds": fin.cpu_seconds, "server_cpu_seconds": server_cpu,
+               "machine_busy_seconds": busy, "cores": cores,
                "python_imports_seconds": imports}
     b.record("c", figures)
     say(f"    {fin.wall:.2f} s wall (median of {len(walls)}: {', '.join(f'{w:.2f}' for w in walls)}; "
         f"{own:.1f} s by its own clock), {events} change events -> {mcps} MCPs, "
         f"{len(requests)} MLflow requests, CPU {fin.cpu_seconds:.1f} s (MLflow's server meanwhile "
         f"{server_cpu:.1f} s), peak RSS {fin.maxrss_mb:.0f} MB")
+    say(f"    the machine meanwhile: {busy:.1f} s of CPU busy of {cores} x {fin.wall:.1f} s = "
+        f"{busy / (cores * fin.wall):.0%} (the command, MLflow's server, the broker, the registry, anything else)")
     if split:
         say(f"    split: start-up (python, imports, topics, transactions, restore) {split['startup']:.2f} s, "
             f"producer (MLflow -> change topic) {split['producer']:.2f} s, "

@@ -72,11 +72,30 @@ class Watermarks:
         return Watermarks(**{k: d.get(k) for k in ("experiments", "registered_models", "model_versions", "runs",
                                                     "logged_models")})
 
+    def include(self, kind: EntityKind, entity: Entity) -> None:
+        """Advance, in place, to one listed entity's own time (a run's: its start)."""
+        name, time_field = _WATERMARK_OF[kind]
+        value = entity.get(time_field)  # type: ignore[union-attr]
+        if value is not None:
+            current = getattr(self, name)
+            if current is None or value > current:
+                setattr(self, name, value)
+
     def advanced(self, other: Watermarks) -> Watermarks:
         def later(a: int | None, b: int | None) -> int | None:
             return b if a is None else a if b is None else max(a, b)
 
         return Watermarks(*(later(getattr(self, k), getattr(other, k)) for k in self.__dict__))
+
+
+# Per kind: the watermark it advances, and the field of its state that does it.
+_WATERMARK_OF: dict[str, tuple[str, str]] = {
+    "EXPERIMENT": ("experiments", "last_update_time"),
+    "REGISTERED_MODEL": ("registered_models", "last_updated_timestamp"),
+    "MODEL_VERSION": ("model_versions", "last_updated_timestamp"),
+    "LOGGED_MODEL": ("logged_models", "last_updated_timestamp"),
+    "RUN": ("runs", "start_time"),
+}
 
 
 def version_own_fingerprint(state: ModelVersion) -> str:

@@ -275,7 +275,7 @@ class ChangeProducer:
                             flush()
                         continue
                     kind, entity = item
-                    marks = marks.advanced(_watermark_of(kind, entity))
+                    marks.include(kind, entity)
                     if not self.scope.includes(kind, entity, started, self.experiment_names):
                         continue  # never published; if it was before, it is stale (see _deletes)
                     event = entity_changed("READ", kind, entity,
@@ -553,15 +553,3 @@ class ChangeProducer:
 
     def close(self) -> None:
         self.writer.flush(30)
-
-
-def _watermark_of(kind: EntityKind, entity: Entity) -> Watermarks:
-    if kind == "EXPERIMENT":
-        return Watermarks(experiments=entity["last_update_time"])  # type: ignore[typeddict-item]
-    if kind == "REGISTERED_MODEL":
-        return Watermarks(registered_models=entity["last_updated_timestamp"])  # type: ignore[typeddict-item]
-    if kind == "MODEL_VERSION":
-        return Watermarks(model_versions=entity["last_updated_timestamp"])  # type: ignore[typeddict-item]
-    if kind == "LOGGED_MODEL":
-        return Watermarks(logged_models=entity["last_updated_timestamp"])  # type: ignore[typeddict-item]
-    return Watermarks(runs=entity["start_time"])  # type: ignore[typeddict-item]

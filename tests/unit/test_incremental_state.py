@@ -55,6 +55,18 @@ def test_zero_is_a_watermark_not_an_unset_one() -> None:
     assert Watermarks(experiments=0).advanced(Watermarks()).experiments == 0
 
 
+def test_include_advances_each_kind_s_own_watermark_by_its_own_time() -> None:
+    marks = Watermarks(runs=100)
+    marks.include("EXPERIMENT", {"last_update_time": 50})  # type: ignore[arg-type]
+    marks.include("RUN", {"start_time": 90})  # type: ignore[arg-type]  # earlier than the watermark: kept
+    marks.include("RUN", {"start_time": 120})  # type: ignore[arg-type]
+    marks.include("RUN", {"start_time": None})  # type: ignore[arg-type]  # no time: nothing to say
+    marks.include("REGISTERED_MODEL", {"last_updated_timestamp": 7})  # type: ignore[arg-type]
+    marks.include("MODEL_VERSION", {"last_updated_timestamp": 0})  # type: ignore[arg-type]
+    marks.include("LOGGED_MODEL", {"last_updated_timestamp": 3})  # type: ignore[arg-type]
+    assert marks == Watermarks(experiments=50, registered_models=7, model_versions=0, runs=120, logged_models=3)
+
+
 def test_advanced_takes_the_later_of_each_field() -> None:
     mine = Watermarks(experiments=10, registered_models=50, model_versions=None, runs=7, logged_models=None)
     theirs = Watermarks(experiments=20, registered_models=40, model_versions=3, runs=None, logged_models=None)
