@@ -170,6 +170,16 @@ class Bench:
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
         return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
+    def stack_cpu_seconds(self) -> float | None:
+        """CPU time the broker's and the registry's processes have used so far, when they are the bench's
+        own (--private-stack); None for a stack that is not the bench's to look at."""
+        if not self.args.private_stack:
+            return None
+        from connector.devstack import stack
+
+        return sum(tree_cpu_seconds(s.pid) for s in stack.status(root=PRIVATE_STACK)
+                   if s.pid and s.name in ("kafka", "schema-registry"))
+
     def server_cpu_seconds(self) -> float:
         """CPU time the MLflow server's processes have used so far."""
         return tree_cpu_seconds(self.server.process.pid)  # type: ignore[union-attr]

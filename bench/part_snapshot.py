@@ -19,20 +19,22 @@ from bench.scale_fixture import REPO
 def part_c(b: Bench) -> None:
     say("(c) connector: `mlflow-datahub snapshot` with fresh topics, until the last MCP is acknowledged")
     # Each round on topics of its own, like a first snapshot; the median round is reported (as (b)).
-    rounds: list[tuple[Child, Finished, float]] = []
+    rounds: list[tuple[Child, Finished, float, float, float | None]] = []
     for i in range(b.args.repeat_snapshot):
         path, data = b.config(f"snapshot-{i + 1}")
-        cpu0, busy0 = b.server_cpu_seconds(), b.machine_busy_seconds()
+        cpu0, busy0, stack0 = b.server_cpu_seconds(), b.machine_busy_seconds(), b.stack_cpu_seconds()
         child = Child(connector_cli("snapshot", "-c", path), b.workdir / f"snapshot-{i + 1}")
         fin = child.wait(b.args.timeout)
         busy = b.machine_busy_seconds() - busy0
+        stack1 = b.stack_cpu_seconds()
+        stack_cpu = None if stack0 is None or stack1 is None else stack1 - stack0
         b.server.access.settle()  # type: ignore[union-attr]
         server_cpu = b.server_cpu_seconds() - cpu0
         if fin.rc != 0:
             raise RuntimeError(f"snapshot failed ({fin.rc}):\n{tail(fin.stderr)}\n{tail(fin.stdout)}")
-        rounds.append((child, fin, server_cpu, busy))
-    walls = [fin.wall for _, fin, _, _ in rounds]
-    child, fin, server_cpu, busy = sorted(rounds, key=lambda r: r[1].wall)[len(rounds) // 2]
+        rounds.append((child, fin, server_cpu, busy, stack_cpu))
+    walls = [r[1].wall for r in rounds]
+    child, fin, server_cpu, busy, stack_cpu = sorted(rounds, key=lambda r: r[1].wall)[len(rounds) // 2]
     cores = len(os.sched_getaffinity(0))
     end = child.started + fin.wall
     requests = b.requests(child.started, end + 0.5)
@@ -59,7 +61,7 @@ def part_c(b: Bench) -> None:
                "events": events,
                "requests": len(requests), "request_endpoints": endpoint_counts(requests),
                "maxrss_mb": fin.maxrss_mb, "cpu_seconds": fin.cpu_seconds, "server_cpu_seconds": server_cpu,
-               "machine_busy_seconds": busy, "cores": cores,
+               "machine_busy_seconds": busy, "cores": cores, "stack_cpu_seconds": stack_cpu,
                "python_imports_seconds": imports}
     b.record("c", figures)
     say(f"    {fin.wall:.2f} s wall (median of {len(walls)}: {', '.join(f'{w:.2f}' for w in walls)}; "
@@ -67,7 +69,10 @@ def part_c(b: Bench) -> None:
         f"{len(requests)} MLflow requests, CPU {fin.cpu_seconds:.1f} s (MLflow's server meanwhile "
         f"{server_cpu:.1f} s), peak RSS {fin.maxrss_mb:.0f} MB")
     say(f"    the machine meanwhile: {busy:.1f} s of CPU busy of {cores} x {fin.wall:.1f} s = "
-        f"{busy / (cores * fin.wall):.0%} (the command, MLflow's server, the broker, the registry, anything else)")
+        f"{busy / (cores * fin.wall):.0%}: the command {fin.cpu_seconds:.1f} s, MLflow's server {server_cpu:.1f} s, "
+        + ("" if stack_cpu is None else f"the broker and the registry {stack_cpu:.1f} s, ")
+        + "the rest (the bench, the kernel, anything else) "
+        f"{busy - fin.cpu_seconds - server_cpu - (stack_cpu or 0):.1f} s")
     if split:
         say(f"    split: start-up (python, imports, topics, transactions, restore) {split['startup']:.2f} s, "
             f"producer (MLflow -> change topic) {split['producer']:.2f} s, "
