@@ -81,9 +81,15 @@ def test_requests_respect_the_rate_limit(proxy: Proxy) -> None:
     reader = MlflowReader(ReaderSettings(proxy.uri, proxy.uri, max_requests_per_second=4))
     for _ in range(6):
         reader.check()
-    gaps = [b - a for a, b in zip(proxy.arrivals, proxy.arrivals[1:], strict=False)]
-    assert len(proxy.arrivals) == 6
-    assert min(gaps) >= 0.2, gaps  # 4 per second: 0.25 s apart, less scheduling jitter
+    arrivals = proxy.arrivals
+    assert len(arrivals) == 6
+    # 4 per second: any k requests span at least k x 0.25 s. Arrival times carry the jitter of two
+    # processes' scheduling (a request that arrives late shortens the next gap by as much), so each
+    # span is allowed 0.1 s of it; without the limit, six requests arrive within a few milliseconds.
+    short = [(i, j, round(arrivals[j] - arrivals[i], 3)) for i in range(6) for j in range(i + 1, 6)
+             if arrivals[j] - arrivals[i] < (j - i) * 0.25 - 0.1]
+    assert not short, short
+    assert arrivals[-1] - arrivals[0] >= 5 * 0.25 - 0.1
 
 
 def test_429_with_retry_after_is_honoured(proxy: Proxy) -> None:
