@@ -269,14 +269,7 @@ class ProducerSettings(_Strict):
     other cycles look back `watermark_overlap_seconds` only, so an idle cycle reads one page of runs)."""
     page_size: int = Field(default=500, ge=1, le=50000)
     """Page size of MLflow's searches. The consumer works on one page's events while MLflow serves the next, so
-    smaller pages leave less work after the last one. A snapshot's listing of runs starts with pages of this size
-    and grows them (`listing_page_size`)."""
-    listing_page_size: int = Field(default=10000, ge=1, le=50000)
-    """Largest page of a snapshot's listing of runs: its pages grow from `page_size`, each twice the one before,
-    up to this. MLflow answers a page by sorting every run the search matches and skipping to the page's offset,
-    so pages of a fixed size cost it one sort of all runs per page (hundreds at 200,000 runs); growing pages
-    keep that to a few, while the first pages still reach the consumer early. A page of 10,000 runs is about
-    25 MB of JSON."""
+    smaller pages leave less work after the last one; larger pages save little at MLflow."""
     model_version_page_size: int = Field(default=10000, ge=1, le=200000)
     """Page size of the model-version searches."""
     max_requests_per_second: float | None = Field(default=None, gt=0)

@@ -61,7 +61,11 @@ T = TypeVar("T")
 # Experiments per search: one search covers up to this many (MLflow takes the ids in one IN clause),
 # so an idle cycle costs the same number of requests whatever the store size, up to this many.
 RUNS_PER_EXPERIMENT_BATCH = 1000
-RUNS_MAX_PAGE = 50000  # MLflow's cap of search_runs' max_results
+# ... but a complete listing asks for the runs of at most this many experiments per search. MLflow answers
+# each page by sorting every run the search matches before it skips to the page's offset: with 200,000
+# runs in one search a page of 500 took 0.87-1.36 s, with 20,000 (100 experiments) 0.76-0.81 s
+# (docs/performance.md), and a listing makes hundreds of pages.
+LISTING_EXPERIMENTS_PER_SEARCH = 100
 PROMPT_TAG = "mlflow.prompt.is_prompt"
 
 # MLflow's HTTP client retries each request itself (7 times with factor-2 backoff by default,
@@ -98,7 +102,6 @@ class ReaderSettings:
     tracking_uri: str
     registry_uri: str
     page_size: int = 500
-    listing_page_size: int = 10000  # the largest page of a complete listing of runs (pages grow to it)
     model_version_page_size: int = 10000
     max_requests_per_second: float | None = None
     retry_initial_seconds: float = 1.0
@@ -116,7 +119,6 @@ def reader_settings(cfg: ConnectorConfig, retry_for_seconds: float | None = None
         tracking_uri=c.resolved_tracking_uri(),
         registry_uri=c.resolved_registry_uri(),
         page_size=cfg.producer.page_size,
-        listing_page_size=cfg.producer.listing_page_size,
         model_version_page_size=cfg.producer.model_version_page_size,
         max_requests_per_second=cfg.producer.max_requests_per_second,
         retry_for_seconds=retry_for_seconds,
@@ -546,30 +548,21 @@ class MlflowReader:
                                     "user needs READ permission on every experiment and registered model")
 
     def _pages(self, what: str, search: Callable[..., Any], max_results: int, first_page: int | None = None,
-               prefetch: bool = False, grow_to: int | None = None, **kwargs: Any) -> Iterator[list[Any]]:
+               prefetch: bool = False, **kwargs: Any) -> Iterator[list[Any]]:
         """A search, a page at a time. `first_page`: a smaller first page (the next ones ten times as
         large, up to `max_results`), for reads newest first that usually stop early, or to hand a
         listing's first items on sooner (MLflow's page tokens are offsets, so pages may differ in
         size). `prefetch`: request the next page while the caller works on this one (for listings
-        read to their end: a read that stops early would waste the request). `grow_to`: from
-        `max_results` on, each page twice as large as the one before, up to this size. MLflow answers
-        each page by sorting every object the search matches and skipping the offset, so a listing in
-        pages of a fixed size costs it a sort of the whole for every page: growing pages keep the
-        sorts to a few while the first pages still come early."""
+        read to their end: a read that stops early would waste the request)."""
         def fetch(token: str | None, size: int) -> Any:
             return self.call(what, search, page_token=token, max_results=size, **kwargs)
-
-        def next_size(size: int) -> int:
-            if size < max_results:
-                return min(size * 10, max_results)
-            return max(size, min(size * 2, grow_to or max_results))
 
         token, size = None, min(first_page or max_results, max_results)
         with ThreadPoolExecutor(1, thread_name_prefix="mlflow-prefetch") as pool:  # a thread only once used
             pending = pool.submit(copy_context().run, fetch, token, size) if prefetch else None
             while True:
                 page = pending.result() if pending is not None else fetch(token, size)
-                token, size = page.token, next_size(size)
+                token, size = page.token, min(size * 10, max_results)
                 pending = pool.submit(copy_context().run, fetch, token, size) if prefetch and token else None
                 yield list(page)
                 if not token:
@@ -589,15 +582,15 @@ class MlflowReader:
     def runs(self, experiment_ids: Sequence[str], filter_string: str = "", order_by: list[str] | None = None,
              first_page: int | None = None, prefetch: bool = False) -> Iterator[list[Run]]:
         """Runs of many experiments at once (deleted runs included), a page at a time. `prefetch`: a
-        listing read to its end, whose pages also grow to `listing_page_size`."""
+        complete listing, read to its end, with fewer experiments per search (LISTING_EXPERIMENTS_PER_SEARCH)."""
         ids = list(experiment_ids)
-        for start in range(0, len(ids), RUNS_PER_EXPERIMENT_BATCH):
+        per_search = LISTING_EXPERIMENTS_PER_SEARCH if prefetch else RUNS_PER_EXPERIMENT_BATCH
+        for start in range(0, len(ids), per_search):
             yield from self._pages(
                 "search_runs", self.tracking.search_runs,
-                experiment_ids=ids[start:start + RUNS_PER_EXPERIMENT_BATCH], filter_string=filter_string,
+                experiment_ids=ids[start:start + per_search], filter_string=filter_string,
                 run_view_type=ViewType.ALL, max_results=self.settings.page_size, order_by=order_by,
                 first_page=first_page, prefetch=prefetch,
-                grow_to=min(self.settings.listing_page_size, RUNS_MAX_PAGE) if prefetch else None,
             )
 
     # -- searches for given values (filter strings: see value_searches) ---------------------------
