@@ -472,6 +472,9 @@ class MlflowReader:
         self.settings = settings
         self.tracking, self.registry = stores(settings)
         self.on_wait: Callable[[], None] | None = None  # called before each wait between retries
+        # Set when the process stops: a wait between retries ends at once, with MlflowUnavailable (an outage
+        # must not keep a stopping connector waiting for MLflow).
+        self.stopping = threading.Event()
         self.prompt_names: set[str] = set()  # prompts met among registered models: their versions are left out too
         self.limiter = RateLimiter(settings.max_requests_per_second)
         self.requests = 0
@@ -518,7 +521,9 @@ class MlflowReader:
                 log.warning("MLflow at %s %s for %s; retry %d in %.3g s", uri, describe(e), what, attempt, delay)
                 if self.on_wait is not None:  # waiting on an outage is progress for the liveness probe
                     self.on_wait()
-                time.sleep(delay)
+                if self.stopping.wait(delay):
+                    raise MlflowUnavailable(
+                        f"MLflow at {uri} {describe(e)} for {what}; not retried: stopping") from None
                 delay = min(delay * 2, self.settings.retry_max_seconds)
             finally:
                 _exchange.reset(token)

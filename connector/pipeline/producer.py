@@ -244,6 +244,8 @@ class ChangeProducer:
         """Read all of MLflow; publish every entity as READ between markers on every partition;
         publish DELETE for what was published before and is gone. An interrupted or failed listing
         ends with an incomplete marker and deletes nothing."""
+        if stop is not None:
+            self.reader.stopping = stop  # a stop ends a wait on MLflow at once
         seq = self.position.snapshot_seq + 1
         started = now_ms()
         snapshot_id = f"{seq}-{started}"
@@ -448,6 +450,7 @@ class ChangeProducer:
                  self.tracking_uri, poll, self.cfg.producer.reconcile_interval_seconds, self.topics.changes)
         failures = 0  # cycles or snapshots failed in a row
         self.reader.on_wait = lambda: HEARTBEATS.beat("producer")
+        self.reader.stopping = stop  # a stop ends a wait on MLflow at once
         while not stop.is_set():
             HEARTBEATS.beat("producer")
             started = time.monotonic()

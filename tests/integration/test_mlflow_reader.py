@@ -117,6 +117,31 @@ def test_outage_is_retried_then_reported(caplog: pytest.LogCaptureFixture) -> No
     assert all(r.exc_info is None for r in caplog.records), "expected conditions log without stack traces"
 
 
+def test_a_stop_ends_the_wait_for_mlflow_at_once() -> None:
+    """A reader that retries until MLflow answers (`run`, `produce`) still ends its wait when the process
+    stops: an outage must not keep a stopping connector (SIGTERM) waiting."""
+    port = free_port()  # nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    reader = MlflowReader(ReaderSettings(uri, uri, retry_initial_seconds=30, retry_for_seconds=None))
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            reader.check()
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # it has failed once and waits 30 s before the next attempt
+    assert thread.is_alive()
+    stopped = time.monotonic()
+    reader.stopping.set()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - stopped < 2
+    assert isinstance(outcome[0], MlflowUnavailable) and "not retried: stopping" in str(outcome[0])
+
+
 def test_a_smaller_first_page_then_full_pages_read_everything_once(demo_mlflow: MlflowServer) -> None:
     """Reads newest first start with a small page (an idle cycle usually stops there); MLflow's page
     tokens are offsets, so the next pages, at full size, continue exactly where it ended."""

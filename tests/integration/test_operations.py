@@ -42,6 +42,17 @@ def _total(metrics: dict, name: str) -> float:
     return sum(v for (n, _), v in metrics.items() if n == name)
 
 
+def _runs_produced(metrics: dict) -> float:
+    return sum(v for (n, labels), v in metrics.items()
+               if n == "mlflow_datahub_events_produced_total" and ("entity_type", "run") in labels)
+
+
+def _caught_up(metrics: dict) -> bool:
+    """Every change event the producer wrote has been consumed (both counters are this process's)."""
+    produced = _total(metrics, "mlflow_datahub_events_produced_total")
+    return produced > 0 and metrics.get(("mlflow_datahub_events_consumed_total", ()), -1) == produced
+
+
 def _wait(what: str, condition: Callable[[], bool], seconds: float, process: subprocess.Popen, log: Path) -> float:
     started = time.monotonic()
     while not condition():
@@ -81,10 +92,10 @@ def test_a_running_connector_is_scraped_probed_and_reported(mlflow_factory: Call
         _wait("ready", lambda: _get(base + "/readyz")[0] == 200, 30, process, log)
 
         # A change in MLflow moves the counters, and the source lag is measured.
+        runs_before = _runs_produced(_metrics(base))
         client.create_run(experiment, run_name="after")
-        consumed = first[("mlflow_datahub_events_consumed_total", ())]
-        _wait("the new run consumed",
-              lambda: _metrics(base)[("mlflow_datahub_events_consumed_total", ())] > consumed, 60, process, log)
+        _wait("the new run produced and consumed",
+              lambda: _runs_produced(m := _metrics(base)) > runs_before and _caught_up(m), 60, process, log)
         assert _metrics(base)[("mlflow_datahub_source_lag_seconds", ())] >= 0
 
         # MLflow goes away: not ready within 60 s, still live, still running; back: ready again.
@@ -96,6 +107,9 @@ def test_a_running_connector_is_scraped_probed_and_reported(mlflow_factory: Call
         server.start()
         _wait("ready again", lambda: _get(base + "/readyz")[0] == 200, 60, process, log)
         print(f"readyz turned 503 {went:.1f} s after MLflow stopped")
+        # Whatever the producer wrote around the outage is consumed before the stop, so that the status
+        # of the stopped connector has no lag to report.
+        _wait("caught up", lambda: _caught_up(_metrics(base)), 60, process, log)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
@@ -109,3 +123,35 @@ def test_a_running_connector_is_scraped_probed_and_reported(mlflow_factory: Call
     assert status["dead_letters"] == 0
     text = run_cli("status", "-c", str(path))
     assert text.returncode == 0 and text.stdout.startswith("healthy: yes"), text.stdout
+
+
+def test_a_stop_during_an_mlflow_outage_ends_run_promptly(mlflow_factory: Callable[[], MlflowServer],
+                                                          make_config: ConfigFactory, tmp_path: Path) -> None:
+    """`run` retries MLflow for as long as it is down; SIGTERM (a deployment rolling) still ends it at once,
+    not when MLflow comes back, and with exit 0: nothing is lost, the next start goes on from Kafka."""
+    server = mlflow_factory()
+    client = MlflowClient(server.uri, server.uri)
+    client.create_run(client.create_experiment("stop in an outage"), run_name="r")
+    port = free_port()
+    path, _ = make_config(server.uri, {"metrics": {"listen": f"127.0.0.1:{port}", "check_interval_seconds": 2}})
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "connector.cli", "run", "-c", str(path)], cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait("the first snapshot consumed", lambda: _caught_up(_metrics(base)), 120, process, log)
+        server.stop()
+        _wait("the producer waiting on MLflow", lambda: "retry 2 in" in log.read_text(), 60, process, log)
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+        took = time.monotonic() - stopped
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        server.start()
+    assert code == 0, log.read_text()[-3000:]
+    assert took < 10, f"run took {took:.1f} s to stop during an outage"
+    assert "Traceback" not in log.read_text()
