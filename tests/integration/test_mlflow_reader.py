@@ -117,7 +117,7 @@ def test_outage_is_retried_then_reported(caplog: pytest.LogCaptureFixture) -> No
     assert all(r.exc_info is None for r in caplog.records), "expected conditions log without stack traces"
 
 
-def test_a_stop_ends_the_wait_for_mlflow_at_once() -> None:
+def test_a_stop_ends_the_wait_for_mlflow_at_once(caplog: pytest.LogCaptureFixture) -> None:
     """A reader that retries until MLflow answers (`run`, `produce`) still ends its wait when the process
     stops: an outage must not keep a stopping connector (SIGTERM) waiting."""
     port = free_port()  # nothing listens there
@@ -132,9 +132,14 @@ def test_a_stop_ends_the_wait_for_mlflow_at_once() -> None:
             outcome.append(e)
 
     thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    time.sleep(0.5)  # it has failed once and waits 30 s before the next attempt
-    assert thread.is_alive()
+    with caplog.at_level("WARNING", logger="connector.mlflow_reader"):
+        thread.start()
+        # Once the first attempt has failed (MLflow's HTTP client retries a refused connection itself
+        # first), the reader waits 30 s before the next.
+        deadline = time.monotonic() + 30
+        while "retry 1 in 30 s" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "retry 1 in 30 s" in caplog.text and thread.is_alive()
     stopped = time.monotonic()
     reader.stopping.set()
     thread.join(5)

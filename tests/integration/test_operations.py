@@ -53,6 +53,13 @@ def _caught_up(metrics: dict) -> bool:
     return produced > 0 and metrics.get(("mlflow_datahub_events_consumed_total", ()), -1) == produced
 
 
+def _start_run(config: Path, log: Path) -> subprocess.Popen:
+    """`mlflow-datahub run` as a process of its own, its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "connector.cli", "run", "-c", str(config)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
 def _wait(what: str, condition: Callable[[], bool], seconds: float, process: subprocess.Popen, log: Path) -> float:
     started = time.monotonic()
     while not condition():
@@ -77,9 +84,7 @@ def test_a_running_connector_is_scraped_probed_and_reported(mlflow_factory: Call
 
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "connector.cli", "run", "-c", str(path)], cwd=REPO,
-                                   stdout=out, stderr=subprocess.STDOUT)
+    process = _start_run(path, log)
     try:
         _wait("the first snapshot's MCPs", lambda: _total(_metrics(base), "mlflow_datahub_mcps_written_total") > 0,
               120, process, log)
@@ -136,9 +141,7 @@ def test_a_stop_during_an_mlflow_outage_ends_run_promptly(mlflow_factory: Callab
     path, _ = make_config(server.uri, {"metrics": {"listen": f"127.0.0.1:{port}", "check_interval_seconds": 2}})
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "connector.cli", "run", "-c", str(path)], cwd=REPO,
-                                   stdout=out, stderr=subprocess.STDOUT)
+    process = _start_run(path, log)
     try:
         _wait("the first snapshot consumed", lambda: _caught_up(_metrics(base)), 120, process, log)
         server.stop()
