@@ -19,7 +19,7 @@ from datahub.emitter.mcp import MetadataChangeProposalWrapper
 from datahub.metadata.schema_classes import MetadataChangeProposalClass, SystemMetadataClass
 from datahub.metadata.schemas import getMetadataChangeProposalSchema
 
-from connector.datahub.aspects import envelope, proposal
+from connector.datahub.aspects import envelope, proposal, to_obj
 from connector.errors import OperatorError
 from connector.redaction import without_credentials
 
@@ -57,7 +57,7 @@ class McpSerializer:
         if metadata is None:
             return None
         if self._metadata[0] is not metadata:
-            self._metadata = (metadata, metadata.to_obj(tuples=True))
+            self._metadata = (metadata, to_obj(metadata, tuples=True))
         return self._metadata[1]
 
     def _to_dict(self, mcp: MetadataChangeProposalWrapper | MetadataChangeProposalClass, ctx: Any) -> dict:

@@ -165,3 +165,81 @@ def test_invalid_aspect_fails_as_datahubs_emitter_fails(broken: object) -> None:
         _make_generic_aspect(broken())  # type: ignore[operator]
     with pytest.raises(AvroTypeException):
         make_generic_aspect(broken())  # type: ignore[operator]
+
+
+# ---- the converter: avrogen's output, for every kind of union DataHub's aspects have ---------------
+
+
+def _edge_records() -> list[object]:
+    """Records with each kind of union: optional fields (null and one type) set and unset, unions of
+    several types (a map of them, an array of them, records among them), unions inside arrays, an
+    enum beside a string, defaults of every kind."""
+    from datahub.metadata.schema_classes import (
+        AuditStampClass,
+        AzkabanJobTypeClass,
+        ChangeAuditStampsClass,
+        ChartInfoClass,
+        DataJobInfoClass,
+        MLModelPropertiesClass,
+        NumberTypeClass,
+        OtherSchemaClass,
+        SchemaFieldClass,
+        SchemaFieldDataTypeClass,
+        SchemaMetadataClass,
+        StringTypeClass,
+        StructuredPropertiesClass,
+        StructuredPropertyValueAssignmentClass,
+    )
+
+    stamps = ChangeAuditStampsClass(created=AuditStampClass(time=1, actor="urn:li:corpuser:a"))
+    return [
+        MLModelPropertiesClass(),
+        MLModelPropertiesClass(description="d", hyperParameters={"s": "x", "i": 1, "f": 1.5, "b": True},
+                               customProperties={"k": "v"}, tags=["t"], date=5),
+        ChartInfoClass(title="t", description="", lastModified=stamps,
+                       inputs=["urn:li:dataset:(urn:li:dataPlatform:mlflow,a,PROD)"]),
+        DataJobInfoClass(name="j", type=AzkabanJobTypeClass.COMMAND),
+        DataJobInfoClass(name="j", type="SQL", externalUrl="http://x"),
+        StructuredPropertiesClass(properties=[StructuredPropertyValueAssignmentClass(
+            propertyUrn="urn:li:structuredProperty:p", values=["a", 1.0, 2])]),
+        SchemaMetadataClass(schemaName="s", platform="urn:li:dataPlatform:mlflow", version=0, hash="",
+                            platformSchema=OtherSchemaClass(rawSchema="{}"), fields=[
+                                SchemaFieldClass(fieldPath="a", nativeDataType="int",
+                                                 type=SchemaFieldDataTypeClass(type=NumberTypeClass())),
+                                SchemaFieldClass(fieldPath="b", nativeDataType="str", nullable=True,
+                                                 type=SchemaFieldDataTypeClass(type=StringTypeClass()))]),
+        SystemMetadataClass(lastObserved=7, runId="r", properties={"a": "b"},
+                            aspectCreated=AuditStampClass(time=1, actor="urn:li:corpuser:a", message="m")),
+        SystemMetadataClass(lastObserved=None, runId=None),  # type: ignore[arg-type]
+    ]
+
+
+@pytest.mark.parametrize("tuples", [False, True])
+def test_to_obj_is_avrogens_for_every_kind_of_union(tuples: bool) -> None:
+    from connector.datahub.aspects import to_obj
+
+    records = _edge_records() + [m.aspect for m in sample_mcps()] + \
+        [m.systemMetadata for m in sample_mcps() if m.systemMetadata is not None]
+    for record in records:
+        assert to_obj(record, tuples=tuples) == record.to_obj(tuples=tuples), record  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("broken", [
+    lambda: MLTrainingRunPropertiesClass(outputUrls=("s3://a",)),  # type: ignore[arg-type]  # a tuple, not a list
+    lambda: MLTrainingRunPropertiesClass(hyperParams=[MLHyperParamClass(name="n", value=5)]),  # type: ignore[arg-type]
+    lambda: MLTrainingRunPropertiesClass(externalUrl=b"http://x"),  # type: ignore[arg-type]
+    lambda: MLTrainingRunPropertiesClass(hyperParams=[StatusClass(removed=True)]),  # type: ignore[list-item]
+    lambda: TagPropertiesClass(name="t", description=["d"]),  # type: ignore[arg-type]
+])
+def test_a_wrong_value_in_an_optional_field_fails_as_datahubs_emitter_fails(broken: object) -> None:
+    """The converter picks an optional field's branch by the value's type without validating it;
+    what is wrong is still refused, as DataHub refuses it."""
+    from avrogen.avrojson import AvroTypeException
+    from datahub.emitter.mcp import _make_generic_aspect
+
+    from connector.datahub.aspects import make_generic_aspect
+
+    with pytest.raises(AvroTypeException):
+        _make_generic_aspect(broken())  # type: ignore[operator]
+    with pytest.raises(AvroTypeException):
+        make_generic_aspect(broken())  # type: ignore[operator]
