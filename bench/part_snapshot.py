@@ -93,16 +93,38 @@ def profile_snapshot(b: Bench) -> None:
     path, _ = b.config("snapshot-profile")
     out = b.workdir / "snapshot.prof"
     # The command ends with os._exit after running the exit functions (connector/cli.py): `python -m cProfile`
-    # would never write its file, so the profile is written by an exit function of its own.
-    code = ("import atexit, cProfile, runpy, sys; profile = cProfile.Profile(); "
-            f"atexit.register(lambda: profile.dump_stats({str(out)!r})); "
-            f"sys.argv = ['mlflow-datahub', 'snapshot', '-c', {str(path)!r}]; profile.enable(); "
+    # would never write its file, so the profile is written by an exit function of its own. A profile
+    # follows one thread: each thread of the command (the producer's read-ahead of MLflow, the prefetch of
+    # MLflow's pages) gets its own, written beside the main thread's as snapshot.prof.<thread name>.<n>,
+    # and shown added up by thread name.
+    code = ("import atexit, cProfile, runpy, sys, threading; profile = cProfile.Profile(); threads = []; "
+            "run = threading.Thread.run\n"
+            "def profiled(self):\n"
+            "    p = cProfile.Profile(); threads.append((self.name, p)); p.enable()\n"
+            "    try: run(self)\n"
+            "    finally: p.disable()\n"
+            "threading.Thread.run = profiled\n"
+            "def dump():\n"
+            f"    profile.dump_stats({str(out)!r})\n"
+            "    for i, (name, p) in enumerate(threads):\n"
+            f"        p.create_stats(); p.dump_stats(f'{str(out)}.{{name}}.{{i}}') if p.stats else None\n"
+            "atexit.register(dump)\n"
+            f"sys.argv = ['mlflow-datahub', 'snapshot', '-c', {str(path)!r}]; profile.enable()\n"
             "runpy.run_module('connector.cli', run_name='__main__')")
     child = Child([sys.executable, "-c", code], b.workdir / "snapshot-profile")
     fin = child.wait(b.args.timeout * 3)
     if fin.rc != 0:
         raise RuntimeError(f"profiled snapshot failed:\n{tail(fin.stderr)}")
-    say(f"    cProfile of a second snapshot (main thread; {fin.wall:.1f} s under the profiler): {out}")
+    say(f"    cProfile of a second snapshot ({fin.wall:.1f} s under the profiler): {out} (main thread)")
     stats = pstats.Stats(str(out))
     stats.sort_stats("cumulative").print_stats(30)
     stats.sort_stats("tottime").print_stats(25)
+    by_name: dict[str, list[str]] = {}
+    for thread in sorted(out.parent.glob(out.name + ".*")):
+        by_name.setdefault(thread.name.removeprefix(out.name + ".").rsplit(".", 1)[0], []).append(str(thread))
+    for name, files in by_name.items():
+        busy = pstats.Stats(*files)
+        if busy.total_tt < 1.0:  # type: ignore[attr-defined]
+            continue
+        say(f"    thread {name} ({len(files)} of that name, added up): {out}.{name}.*")
+        busy.sort_stats("tottime").print_stats(25)
