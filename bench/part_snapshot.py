@@ -55,8 +55,11 @@ def part_c(b: Bench) -> None:
     # Peak RSS of each process of the command (the command, which produces, and its consumer), and the MLflow
     # server's own peak since it started.
     processes_mb = sorted(child.peaks.values(), reverse=True)
+    # CPU of each: the command's own process first (it produces), then its consumers.
+    processes_cpu = [child.cpu.get(child.proc.pid, 0.0)] + sorted(
+        (c for pid, c in child.cpu.items() if pid != child.proc.pid), reverse=True)
     server_mb = sum(v for v in (_hwm(p) for p in _process_tree(b.server.process.pid)) if v)  # type: ignore[union-attr]
-    figures = {"processes_mb": processes_mb, "server_peak_mb": server_mb,
+    figures = {"processes_mb": processes_mb, "processes_cpu_seconds": processes_cpu, "server_peak_mb": server_mb,
                "seconds": fin.wall, "rounds_seconds": walls, "own_seconds": own, "split": split, "mcps": mcps,
                "events": events,
                "requests": len(requests), "request_endpoints": endpoint_counts(requests),
@@ -73,6 +76,8 @@ def part_c(b: Bench) -> None:
         + ("" if stack_cpu is None else f"the broker and the registry {stack_cpu:.1f} s, ")
         + "the rest (the bench, the kernel, anything else) "
         f"{busy - fin.cpu_seconds - server_cpu - (stack_cpu or 0):.1f} s")
+    say(f"    the command's CPU by process: producer (the command itself) {processes_cpu[0]:.1f} s, consumer "
+        + ", ".join(f"{c:.1f}" for c in processes_cpu[1:]) + " s")
     if split:
         say(f"    split: start-up (python, imports, topics, transactions, restore) {split['startup']:.2f} s, "
             f"producer (MLflow -> change topic) {split['producer']:.2f} s, "

@@ -72,7 +72,7 @@ class Child:
     its peak resident memory is VmHWM from /proc/<pid>/status, sampled every 50 ms while it runs, for
     it and each process it starts (`snapshot` forks its consumers): the figure is the sum of their
     peaks. (wait4's ru_maxrss cannot be used: Linux carries the parent's RSS at fork over into the
-    child's.)"""
+    child's.) Each process's CPU time is sampled with it (`cpu`)."""
 
     def __init__(self, argv: list[str], logs: Path, env: dict[str, str] | None = None) -> None:
         self.logs = logs
@@ -84,6 +84,7 @@ class Child:
                                      env=env or {**os.environ})
         self.finished: Finished | None = None
         self.peaks: dict[int, float] = {}  # pid -> VmHWM, MB, for the process and its descendants
+        self.cpu: dict[int, float] = {}  # pid -> CPU seconds at its last sample (up to 50 ms short at its end)
         self._sampler = threading.Thread(target=self._sample, name="vmhwm", daemon=True)
         self._sampler.start()
 
@@ -96,6 +97,9 @@ class Child:
             hwm = _vm_hwm_mb(pid)
             if hwm is not None:
                 self.peaks[pid] = max(self.peaks.get(pid, 0.0), hwm)
+            cpu = _cpu_seconds(pid)
+            if cpu:
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu)
 
     def _sample(self) -> None:
         while self.finished is None:
