@@ -41,7 +41,13 @@ MIN_JAVA = 17
 
 HOST = "127.0.0.1"
 CCOMPAT_PATH = "/apis/ccompat/v7"
-JVM_LIGHT = ["-Xmx512m", "-XX:+UseSerialGC", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"]
+# The dev stack's JVMs are short-lived and share a small machine with the work they serve: a small heap,
+# the serial collector, and the C1 compiler only (TieredStopAtLevel=1). C2 would spend seconds of CPU
+# compiling the broker's hot paths during the first minutes of load (3.2 s of the broker's 7.3 s over a
+# x10 snapshot, benchmark (c)), CPU that the connector and MLflow need on 2 cores; C1 code served the
+# same load with no more CPU in the request handlers.
+JVM_LIGHT = ["-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-XX:+ExitOnOutOfMemoryError",
+             "-Djava.awt.headless=true"]
 
 ENV_STACK_DIR = "MLFLOW_DATAHUB_STACK_DIR"
 ENV_CACHE_DIR = "MLFLOW_DATAHUB_CACHE_DIR"
