@@ -60,22 +60,33 @@ def partitions_of(reader: Consumer, topic: str, timeout: float = 30.0) -> list[i
 
 def read_committed(connection: KafkaConnection, topic: str, *, role: str, partitions: list[int] | None = None,
                    until: dict[int, int] | None = None, timeout: float = 120.0,
-                   stop: threading.Event | None = None) -> Iterator[Message]:
+                   stop: threading.Event | None = None, settled: bool = True) -> Iterator[Message]:
     """Every committed record of `topic` (read_committed) from each partition's beginning up to
     `until[p]` (exclusive; default: the partition's end when the read starts), in partition order.
 
+    Records of a transaction not yet decided when the read starts are waited for (`settled`): a
+    transaction whose commit has returned is decided, but its markers reach the partitions a moment
+    later, and until then the partition's last stable offset stops short of its records. A state
+    restored in that moment would miss the last batch that its committed offsets include. With
+    `settled=False` the read stops where the undecided records begin (a look at what is stable now,
+    which must not wait for anyone's transaction).
+
     While the broker is not ready (restarting, leadership moving) the read is retried; a read that
     makes no progress for `timeout` seconds raises TimeoutError (an open transaction of a crashed
-    instance holds the last stable offset back). A fatal error raises KafkaException."""
+    instance holds the last stable offset back until the broker aborts it). A fatal error raises
+    KafkaException."""
     reader = connection.reader(role, settings={"isolation.level": "read_committed", "enable.partition.eof": True,
                                               "auto.offset.reset": "earliest"})
+    # A read_committed client's high watermark is the last stable offset; the end of the partition,
+    # undecided records included, is what a read_uncommitted client sees.
+    ends = connection.reader(role, settings={"isolation.level": "read_uncommitted"}) if settled else reader
     try:
         deadline = time.monotonic() + timeout
         numbers = partitions if partitions is not None else partitions_of(reader, topic)
         targets: dict[int, int] = {}
         assignment = []
         for p in numbers:
-            low, high = watermarks(reader, TopicPartition(topic, p), deadline)
+            low, high = watermarks(ends, TopicPartition(topic, p), deadline)
             end = high if until is None else min(until.get(p, high), high)
             if end > low:
                 targets[p] = end
@@ -91,7 +102,9 @@ def read_committed(connection: KafkaConnection, topic: str, *, role: str, partit
                 error = msg.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
-                        if until is None:
+                        # The end of what is stable: the end of the read, unless records of an
+                        # undecided transaction lie between it and the target.
+                        if until is None and (not settled or msg.offset() >= targets.get(p, 0)):
                             targets.pop(p, None)
                         continue
                     if error.fatal():
@@ -116,6 +129,8 @@ def read_committed(connection: KafkaConnection, topic: str, *, role: str, partit
                                    "(an open transaction of a crashed instance?)")
     finally:
         reader.close()
+        if ends is not reader:
+            ends.close()
 
 
 def consumer_lag(connection: KafkaConnection, topic: str, group: str) -> dict[int, int]:

@@ -19,7 +19,7 @@ def read_mcps(cfg: ConnectorConfig) -> Iterator[tuple[str, MetadataChangeProposa
     """(record key, MCP) of every committed record on the MCP topic, in topic order."""
     connection = KafkaConnection(cfg.kafka)
     deserialize = McpDeserializer(connection.schema_registry(), cfg.kafka.topics.mcp)
-    for msg in read_committed(connection, cfg.kafka.topics.mcp, role="dump"):
+    for msg in read_committed(connection, cfg.kafka.topics.mcp, role="dump", settled=False):
         if msg.value() is not None:
             yield msg.key().decode(), deserialize(msg.value())
 

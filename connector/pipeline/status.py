@@ -80,7 +80,7 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
 
     position: Position | None = None
     key = position_key(cfg)
-    for msg in read_committed(connection, k.topics.producer_offsets, role="status"):
+    for msg in read_committed(connection, k.topics.producer_offsets, role="status", settled=False):
         if msg.key() == key:
             position = Position.from_json(msg.value()) if msg.value() is not None else None
 
@@ -95,7 +95,7 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
 
     known = removed = 0
     entries: dict[tuple[int, str], Entry] = {}
-    for msg in read_committed(connection, k.topics.state, role="status"):
+    for msg in read_committed(connection, k.topics.state, role="status", settled=False):
         urn = msg.key().decode()
         if urn == SNAPSHOT_KEY:
             continue
@@ -108,7 +108,7 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
             known += not entry.removed
             removed += entry.removed
 
-    dead = sum(1 for _ in read_committed(connection, k.topics.dead_letter, role="status"))
+    dead = sum(1 for _ in read_committed(connection, k.topics.dead_letter, role="status", settled=False))
 
     last = position.last_snapshot if position is not None else None
     complete = last if last is not None and last.get("complete") else None

@@ -1,15 +1,19 @@
-"""consume_batch against the real broker: a batch that cannot fill comes back without waiting out
-the timeout, and nothing is skipped or repeated."""
+"""Reading against the real broker: consume_batch (a batch that cannot fill comes back without waiting
+out the timeout, and nothing is skipped or repeated) and read_committed (records of a transaction not
+yet decided when the read starts are waited for, or left out by a look at what is stable now)."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from connector.kafka.reading import consume_batch
+from connector.config import KafkaConfig
+from connector.kafka.clients import KafkaConnection
+from connector.kafka.reading import consume_batch, read_committed
 from tests.conftest import Kafka
 
 TIMEOUT = 20.0  # what Consumer.consume(n, TIMEOUT) would wait for a batch of n that never fills
@@ -67,3 +71,70 @@ def test_batches_carry_every_record_once_in_partition_order(kafka: Kafka) -> Non
         consumer.close()
     assert seen[0] == list(range(0, 1200, 2))
     assert seen[1] == list(range(1, 1200, 2))
+
+
+def _undecided_transaction(kafka: Kafka) -> tuple[str, Producer]:
+    """A topic of one partition: three committed records, then a fourth in a transaction left open."""
+    topic = f"t{uuid.uuid4().hex[:10]}.pending"
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    done = Producer({"bootstrap.servers": kafka.bootstrap, "transactional.id": f"{topic}-done"})
+    done.init_transactions(30)
+    done.begin_transaction()
+    for i in range(3):
+        done.produce(topic, value=f"committed {i}".encode())
+    done.commit_transaction(30)
+    pending = Producer({"bootstrap.servers": kafka.bootstrap, "transactional.id": f"{topic}-pending"})
+    pending.init_transactions(30)
+    pending.begin_transaction()
+    pending.produce(topic, value=b"pending")
+    assert pending.flush(30) == 0  # on the broker, past the last stable offset
+    return topic, pending
+
+
+def _read_in_background(kafka: Kafka, topic: str, **kwargs: object) -> tuple[threading.Thread, list[bytes]]:
+    connection = KafkaConnection(KafkaConfig(bootstrap_servers=kafka.bootstrap))
+    values: list[bytes] = []
+
+    def read() -> None:
+        values.extend(m.value() for m in read_committed(connection, topic, role="test", **kwargs))  # type: ignore[misc, arg-type]
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, values
+
+
+def test_read_committed_waits_for_a_transaction_undecided_when_it_starts(kafka: Kafka) -> None:
+    """As a state restore right after another instance's commit (markers not yet written) must: the
+    read ends once the transaction is decided, with its records when it commits."""
+    topic, pending = _undecided_transaction(kafka)
+    reader, values = _read_in_background(kafka, topic, timeout=60.0)
+    reader.join(3.0)
+    assert reader.is_alive(), f"the read ended at the last stable offset with {values}"
+    pending.commit_transaction(30)
+    reader.join(30.0)
+    assert not reader.is_alive()
+    assert values == [b"committed 0", b"committed 1", b"committed 2", b"pending"]
+
+
+def test_read_committed_leaves_out_an_aborted_transaction_once_decided(kafka: Kafka) -> None:
+    topic, pending = _undecided_transaction(kafka)
+    reader, values = _read_in_background(kafka, topic, timeout=60.0)
+    reader.join(3.0)
+    assert reader.is_alive()
+    pending.abort_transaction(30)
+    reader.join(30.0)
+    assert not reader.is_alive()
+    assert values == [b"committed 0", b"committed 1", b"committed 2"]
+
+
+def test_a_look_at_what_is_stable_does_not_wait_for_an_undecided_transaction(kafka: Kafka) -> None:
+    """`status` and `dump` read with settled=False: what is stable now, at once."""
+    topic, pending = _undecided_transaction(kafka)
+    try:
+        reader, values = _read_in_background(kafka, topic, timeout=60.0, settled=False)
+        reader.join(20.0)
+        assert not reader.is_alive()
+        assert values == [b"committed 0", b"committed 1", b"committed 2"]
+    finally:
+        pending.abort_transaction(30)
