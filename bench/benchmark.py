@@ -86,7 +86,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat-startup", type=int, default=3, help="rounds of (s) per command (median)")
     p.add_argument("--history", type=int, default=200, help="snapshots of history for (r) (default 200)")
     p.add_argument("--repeat-restart", type=int, default=2, help="restarts of (r) per history (median)")
-    p.add_argument("--profile", action="store_true", help="(c): also run a snapshot under cProfile and print it")
+    p.add_argument("--profile", action="store_true", help="(c): also profile a snapshot, each thread")
     p.add_argument("--mlflow-workers", type=int, default=1, help="workers of the bench's mlflow server")
     p.add_argument("--fixture-threads", type=int, default=8, help="threads creating the store through the API")
     p.add_argument("--fixture-method", choices=["clone", "api"], default="clone",
