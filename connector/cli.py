@@ -26,7 +26,7 @@ from connector.redaction import redact, remember_secrets
 if TYPE_CHECKING:
     from connector.mlflow.reader import MlflowReader
     from connector.mlflow.webhooks import WebhookReceiver
-    from connector.pipeline.producer import ChangeProducer
+    from connector.pipeline.producer_role import WebhookRequests
 
 log = logging.getLogger("mlflow-datahub")
 
@@ -119,13 +119,24 @@ def _reader(cfg: ConnectorConfig, retry_for_seconds: float | None, check_seconds
     return reader
 
 
-def _start_webhooks(cfg: ConnectorConfig, producer: ChangeProducer) -> WebhookReceiver | None:
-    """The webhook receiver (when configured), feeding the producer's targeted reads."""
+def _start_webhooks(cfg: ConnectorConfig, instance_id: str
+                    ) -> tuple[WebhookReceiver | None, WebhookRequests | None]:
+    """The webhook receiver (when configured): what it accepts goes to the webhook-requests topic, for the
+    holder of the producer role, whichever instance that is (connector/pipeline/producer_role.py)."""
     if cfg.webhooks is None:
-        return None
+        return None, None
     from connector.mlflow.webhooks import WebhookReceiver
+    from connector.pipeline.producer_role import WebhookRequests
 
-    return WebhookReceiver.from_config(cfg.webhooks, producer.refresh_requests).start()
+    requests = WebhookRequests(cfg, instance_id)
+    return WebhookReceiver.from_config(cfg.webhooks, requests).start(), requests
+
+
+def _stop_webhooks(receiver: WebhookReceiver | None, requests: WebhookRequests | None) -> None:
+    if receiver is not None:
+        receiver.stop()
+    if requests is not None:
+        requests.close()
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -162,17 +173,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from connector.pipeline.operations import serve
 
     cfg, reader = _startup_with_reader(args.config, retry_for_seconds=None)
-    from connector.pipeline.producer import ChangeProducer  # after MLflow's first request (see _startup_with_reader)
+    from connector.pipeline.producer_role import ProducerRole  # after MLflow's first request (_startup_with_reader)
 
-    producer = ChangeProducer(cfg, reader)
-    receiver = _start_webhooks(cfg, producer)
+    role = ProducerRole(cfg, reader, args.instance_id)
+    receiver, requests = _start_webhooks(cfg, role.instance_id)
     operations = serve(cfg, mlflow=True, registry=False)
-    producer.run(_stop_on_signals())
-    if receiver is not None:
-        receiver.stop()
-    if operations is not None:
-        operations.stop()
-    producer.close()
+    try:
+        role.run(_stop_on_signals())
+    finally:
+        _stop_webhooks(receiver, requests)
+        if operations is not None:
+            operations.stop()
     return 0
 
 
@@ -190,14 +201,16 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Producer role and consumer together. Any number of instances run side by side: they share the change
+    topic's partitions, and one of them at a time holds the producer role (connector/pipeline/producer_role.py)."""
     from connector.pipeline.operations import serve
 
     cfg, reader = _startup_with_reader(args.config, retry_for_seconds=None)
-    from connector.pipeline.producer import ChangeProducer  # after MLflow's first request (see _startup_with_reader)
+    from connector.pipeline.producer_role import ProducerRole  # after MLflow's first request (_startup_with_reader)
 
     stop = _stop_on_signals()
-    producer = ChangeProducer(cfg, reader)
-    receiver = _start_webhooks(cfg, producer)
+    role = ProducerRole(cfg, reader, args.instance_id)
+    receiver, requests = _start_webhooks(cfg, role.instance_id)
     operations = serve(cfg, mlflow=True, registry=True)
     errors: list[BaseException] = []
 
@@ -215,20 +228,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         # that neither MLflow's first request nor the producer's first cycle waits for it.
         from connector.pipeline.consumer import ChangeConsumer
 
-        ChangeConsumer(cfg, args.instance_id).run(stop)
+        ChangeConsumer(cfg, role.instance_id).run(stop)
 
-    threads = [threading.Thread(target=guarded(producer.run), name="producer"),
+    threads = [threading.Thread(target=guarded(role.run), name="producer"),
                threading.Thread(target=guarded(consume), name="consumer")]
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(0.5)
-    if receiver is not None:
-        receiver.stop()
+    _stop_webhooks(receiver, requests)
     if operations is not None:
         operations.stop()
-    producer.close()
     if errors:
         raise errors[0]
     return 0
@@ -404,9 +415,8 @@ def parser() -> argparse.ArgumentParser:
         ("consume", cmd_consume, "Turn change events into MCPs on DataHub's MCP topic, until stopped."),
     ):
         c = command(name, fn, text)
-        if name != "produce":
-            c.add_argument("--instance-id", help="this consumer's name in its group (default: host name); "
-                                                 "each running instance needs its own")
+        c.add_argument("--instance-id", help="this instance's name in its groups (default: host name); each "
+                                             "running instance needs its own (a Kubernetes pod's name will do)")
     snap = command("snapshot", cmd_snapshot, "One complete pass: exits once every MCP of it is acknowledged.")
     snap.add_argument("--instance-id", help="consumer instance name (default: host name; with several "
                       "consumers, NAME-1, NAME-2, ...)")

@@ -194,6 +194,9 @@ class Topics(_Strict):
     exist, the key that owns it and the fingerprint of each aspect written."""
     producer_offsets: str = "mlflow.producer-offsets"
     """The producer's position (compacted, 1 partition): snapshot sequence, watermarks, partition count."""
+    webhook_requests: str = "mlflow.webhook-requests"
+    """Webhook deliveries accepted by any instance, for the holder of the producer role to apply (1 partition,
+    7 days; created only when `webhooks` is set). Pipelines may share it: records are keyed by change topic."""
     dead_letter: str = "mlflow.changes.dlq"
     """Change-topic records that are not valid change events, with the error in their headers (28 days)."""
     mcp: str = "MetadataChangeProposal_v1"
@@ -277,6 +280,11 @@ class ProducerSettings(_Strict):
     Retry-After either way). Unset: no limit."""
     transaction_size: int = Field(default=500, ge=1)
     """Change events per Kafka transaction of the producer."""
+    role_session_timeout_seconds: float = Field(default=10.0, ge=1, le=300)
+    """Instances of `run` (and `produce`) side by side hold the producer role one at a time, through a Kafka
+    consumer group: a holder silent this long (killed, cut off) is replaced by a standby. Shorter: a faster
+    takeover; longer: fewer false takeovers on a slow network. The broker's `group.min.session.timeout.ms`
+    (default 6 s) and `group.max.session.timeout.ms` bound it (docs/operations.md, Deployment)."""
 
 
 class ConsumerSettings(_Strict):

@@ -7,7 +7,8 @@
   Two sections that give one connection key different values are a configuration error.
 - Producers also get all of `kafka.producer_config`; the consumer that reads the change topic in
   the connector's group also gets all of `kafka.consumer_config`. Helper readers (state restore,
-  read-to-end, lag probes) and the admin client get the connection settings only: a tuning key of
+  read-to-end, lag probes), the producer-role group's members and the admin client get the
+  connection settings only: a tuning key of
   the main consumer (`group.id`, `isolation.level`) must not change what they read.
 - The schema registry client gets `kafka.schema_registry_url` and `kafka.schema_registry_config`.
 
@@ -138,6 +139,9 @@ class KafkaConnection:
     def group_consumer_settings(self, role: str, group_id: str, settings: Settings = None) -> dict[str, Any]:
         return {**self._base(role), "group.id": group_id, **(settings or {}), **self.config.consumer_config}
 
+    def membership_settings(self, role: str, group_id: str, settings: Settings = None) -> dict[str, Any]:
+        return {**self._base(role), "group.id": group_id, **(settings or {})}
+
     def reader_settings(self, role: str, group_id: str, settings: Settings = None) -> dict[str, Any]:
         return {**self._base(role), "group.id": group_id, "enable.auto.commit": False, **(settings or {})}
 
@@ -156,6 +160,12 @@ class KafkaConnection:
     def group_consumer(self, role: str, group_id: str, settings: Settings = None) -> Consumer:
         """The consumer of the change topic in a consumer group (subscribe, commit in transactions)."""
         return Consumer(self.group_consumer_settings(role, group_id, settings))
+
+    def membership(self, role: str, group_id: str, settings: Settings = None) -> Consumer:
+        """A member of a group that holds a role (connector/kafka/membership.py): the connection settings
+        only, as a helper reader, since `kafka.consumer_config` tunes the change topic's consumer (its
+        `group.id` must not move this member into that group)."""
+        return Consumer(self.membership_settings(role, group_id, settings))
 
     def reader(self, role: str, group_id: str = "mlflow-datahub-reader", settings: Settings = None) -> Consumer:
         """A helper reader: assign() only, never commits (read-to-end, state restore, probes)."""

@@ -49,7 +49,10 @@ def specs(cfg: ConnectorConfig) -> list[TopicSpec]:
         TopicSpec(t.producer_offsets, 1, {**compact, "segment.ms": str(HOUR_MS), "min.cleanable.dirty.ratio": "0.1"}),
         TopicSpec(t.dead_letter, 1, {"cleanup.policy": "delete", "retention.ms": str(4 * WEEK_MS)}),
         TopicSpec(t.mcp, 1, {}),
-    ]
+    ] + ([
+        # Webhook deliveries accepted by any instance, applied by the holder of the producer role.
+        TopicSpec(t.webhook_requests, 1, {"cleanup.policy": "delete", "retention.ms": str(WEEK_MS)}),
+    ] if cfg.webhooks is not None else [])
 
 
 def admin(cfg: ConnectorConfig) -> AdminClient:

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import math
-import queue
 import re
 import socket
 import socketserver
@@ -41,7 +40,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from connector.config import WebhooksConfig
@@ -85,6 +84,18 @@ def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
     content = f"{delivery_id}.{timestamp}.".encode() + body
     return f"{SIGNATURE_VERSION}," + base64.b64encode(hmac.new(secret.encode(), content, hashlib.sha256).digest()
                                                       ).decode()
+
+
+class NotQueued(Exception):
+    """A delivery that could not be handed on (the webhook-requests topic did not take it): answered 503, so
+    that MLflow delivers it again."""
+
+
+class RefreshRequests(Protocol):
+    """Where accepted deliveries go: the producer's queue, or the webhook-requests topic (`put` returns once
+    the request is kept; NotQueued if it is not)."""
+
+    def put(self, item: str) -> None: ...
 
 
 class Rejected(Exception):
@@ -420,7 +431,11 @@ class _Handler(BaseHTTPRequestHandler):
                      PATH, _printable(delivery.event), _printable(delivery.delivery_id))
             self._respond(204, None)
             return
-        self.server.refresh_requests.put(delivery.model_name)
+        try:
+            self.server.refresh_requests.put(delivery.model_name)
+        except NotQueued as e:
+            self._reject(503, f"accepted but not kept: {e}")
+            return
         log.info("webhook accepted: %s for registered model '%s' (delivery %s): targeted read queued",
                  delivery.event, _printable(delivery.model_name, 200), _printable(delivery.delivery_id))
         self._respond(202, {"status": "accepted"})
@@ -488,7 +503,7 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024  # a burst of connections waits in the kernel's queue, to be served or refused
 
-    def __init__(self, address: tuple[str, int], verifier: Verifier, refresh_requests: queue.Queue[str],
+    def __init__(self, address: tuple[str, int], verifier: Verifier, refresh_requests: RefreshRequests,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -607,7 +622,7 @@ class WebhookReceiver:
     """`POST /webhooks/mlflow` on (host, port), served by a background thread until stop()."""
 
     def __init__(self, host: str, port: int, secret: str, max_age_seconds: float,
-                 refresh_requests: queue.Queue[str], *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 refresh_requests: RefreshRequests, *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS) -> None:
         self.verifier = Verifier(secret, max_age_seconds)
         # binds now: OSError if taken
@@ -615,7 +630,7 @@ class WebhookReceiver:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_config(cls, cfg: WebhooksConfig, refresh_requests: queue.Queue[str]) -> WebhookReceiver:
+    def from_config(cls, cfg: WebhooksConfig, refresh_requests: RefreshRequests) -> WebhookReceiver:
         host, port = cfg.listen_address()
         try:
             return cls(host, port, cfg.resolved_secret(), cfg.max_age_seconds, refresh_requests,

@@ -37,6 +37,17 @@ class ConnectorMetrics:
         self.mlflow_requests = Counter(f"{PREFIX}_mlflow_requests", "Requests to MLflow, by outcome (ok, retried: "
                                        "a transient failure that is retried, failed: given up).", ["outcome"],
                                        registry=r)
+        # Replicas: which instance holds the producer role, and each instance's partitions
+        self.producer_role = Gauge(f"{PREFIX}_producer_role", "1 while this instance holds the producer role, 0 while "
+                                   "it stands by.", registry=r)
+        self.producer_role_since = Gauge(f"{PREFIX}_producer_role_since_timestamp_seconds",
+                                         "When this instance took the producer role (Unix time; 0 on a standby).",
+                                         registry=r)
+        self.producer_role_changes = Counter(f"{PREFIX}_producer_role_changes",
+                                             "Times this instance took (taken) or gave up (released) the producer "
+                                             "role.", ["change"], registry=r)
+        self.assigned_partitions = Gauge(f"{PREFIX}_assigned_partition", "1 for each change-topic partition this "
+                                         "instance's consumer holds.", ["partition"], registry=r)
         self.skipped_objects = Counter(f"{PREFIX}_skipped_objects",
                                        "MLflow objects skipped after failing again and again.", registry=r)
         # Consumer (Debezium: MilliSecondsBehindSource, MilliSecondsSinceLastEvent; Connect: DLQ metrics)
@@ -61,6 +72,27 @@ class ConnectorMetrics:
         """(entity type, op) of each change event committed to the change topic."""
         for kind, op in events:
             self.events_produced.labels(kind.lower(), op.lower()).inc()
+
+    def producer_role_held(self, since_seconds: float) -> None:
+        self.producer_role.set(1)
+        self.producer_role_since.set(since_seconds)
+        self.producer_role_changes.labels("taken").inc()
+
+    def producer_role_standby(self) -> None:
+        if self.producer_role._value.get():  # noqa: SLF001 (prometheus-client's value holder)
+            self.producer_role_changes.labels("released").inc()
+        self.producer_role.set(0)
+        self.producer_role_since.set(0)
+
+    def partitions_assigned(self, partitions: Iterable[int], held: bool) -> None:
+        for p in partitions:
+            if held:
+                self.assigned_partitions.labels(str(p)).set(1)
+            else:
+                try:
+                    self.assigned_partitions.remove(str(p))
+                except KeyError:
+                    pass
 
     def snapshot_ended(self, complete: bool, seconds: float) -> None:
         self.snapshot_running.set(0)

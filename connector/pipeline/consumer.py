@@ -106,7 +106,15 @@ CONSUMER_SETTINGS = {
     # A member learns of a rebalance from its next heartbeat: frequent ones let a joining or
     # leaving instance (a snapshot's consumers start together) take its share within a second.
     "heartbeat.interval.ms": 500,
+    # An instance that dies without leaving (SIGKILL, a lost node) keeps its partitions until this runs out;
+    # then the others take them over (librdkafka's default is 45 s).
+    "session.timeout.ms": 10000,
 }
+
+# A dead instance's open transaction holds its partitions' state back from their next owner until the
+# broker aborts it: transaction.timeout.ms plus up to the broker's cleanup interval (10 s by default).
+# A batch is written in well under a second; this leaves room for slow brokers.
+TRANSACTION_TIMEOUT_MS = 15000
 
 
 class ChangeConsumer:
@@ -125,13 +133,15 @@ class ChangeConsumer:
         self.positions: dict[int, int] = {}
         self.stats = ConsumerStats()
         self.instance_id = instance_id or socket.gethostname()
-        self.consumer = self.connection.group_consumer("consumer", k.consumer_group, CONSUMER_SETTINGS)
+        self.consumer = self.connection.group_consumer("consumer", k.consumer_group,
+                                                       {**CONSUMER_SETTINGS, "client.id": self.instance_id})
         # The transactional writer of MCPs, state and offsets. librdkafka refuses messages over
         # 1,000,000 bytes by default; allow what consumer.max_message_bytes allows (the MCP topic's
         # own limit must allow it too).
         self.writer = TransactionalWriter(
-            self.connection, f"{k.transactional_id_prefix}-consumer-{self.instance_id}", "consumer's MCP writer",
-            {"transaction.timeout.ms": 30000, "linger.ms": 20,
+            self.connection, f"{k.transactional_id_prefix}-consumer-{k.topics.changes}-{self.instance_id}",
+            "consumer's MCP writer",
+            {"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS, "linger.ms": 20,
              "message.max.bytes": max(1_000_000, self.max_message_bytes + RECORD_OVERHEAD_BYTES)})
         self._failures = 0  # failed attempts to write the current batch
         self._delay = 1.0  # backoff before the next attempt
@@ -141,10 +151,14 @@ class ChangeConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [p.partition for p in partitions]
         self.states.update(state_store.restore(self.connection, self.topics.state, numbers))
+        METRICS.partitions_assigned(numbers, held=True)
+        log.info("consumer %s: partitions %s of %s assigned", self.instance_id,
+                 ", ".join(map(str, sorted(self.states))) or "none", self.topics.changes)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for p in partitions:
             self.states.pop(p.partition, None)
+        METRICS.partitions_assigned([p.partition for p in partitions], held=False)
 
     # -- main loop -------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,7 +41,17 @@ from connector.mlflow.scope import Scope
 from connector.observability.http import HEARTBEATS
 from connector.observability.metrics import METRICS
 from connector.observability.progress import SnapshotProgress
-from connector.pipeline.position import Position, known_key, known_prefix, position_key
+from connector.pipeline.position import (
+    Position,
+    identity,
+    identity_mismatch,
+    known_key,
+    known_prefix,
+    legacy_position_key,
+    normalized_uri,
+    position_key,
+    producer_id,
+)
 from connector.pipeline.read_ahead import read_ahead
 
 log = logging.getLogger("connector.producer")
@@ -87,7 +97,8 @@ class ChangeProducer:
         self.registry_uri = reader.settings.registry_uri
         self.position_key = position_key(cfg)
         self.partitions = partition_count(self.connection.admin(), self.topics.changes)
-        self.writer = TransactionalWriter(self.connection, f"{k.transactional_id_prefix}-producer", "producer",
+        self.identity = identity(cfg, self.tracking_uri, self.registry_uri)
+        self.writer = TransactionalWriter(self.connection, producer_id(cfg), "producer",
                                           {"transaction.timeout.ms": 60000, "linger.ms": 20,
                                            "message.max.bytes": CHANGE_EVENT_MAX_BYTES})
         self.position = Position(partitions=self.partitions)
@@ -103,7 +114,13 @@ class ChangeProducer:
         self._end_offsets: dict[int, int] = {}
         self._unpublished: set[str] = set()  # keys whose latest event could not be published
         self._last_skew_read = float("-inf")  # when a cycle last looked back max_clock_skew_seconds
+        # Webhook requests read from Kafka by the holder of the producer role (connector.pipeline.producer_role):
+        # `requests_read()` is the offset up to which they are on `refresh_requests`; the offset up to which
+        # they were applied goes into the position.
+        self.requests_read: Callable[[], int | None] | None = None
+        self.requests_offset: int | None = None
         self._restore()
+        self.requests_offset: int | None = self.position.requests_offset
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -113,17 +130,24 @@ class ChangeProducer:
         A change topic written by an earlier version without summaries is read once instead."""
         started = time.monotonic()
         prefix = known_prefix(self.cfg)
+        legacy_key = legacy_position_key(self.cfg)
         summaries = 0
+        found = legacy = False
         for msg in read_committed(self.connection, self.topics.producer_offsets, role="producer position restore"):
             key = msg.key() or b""
             if key == self.position_key:
-                if msg.value() is not None:
-                    self.position = Position.from_json(msg.value())
+                found = msg.value() is not None
+                self.position = Position.from_json(msg.value()) if found else Position(partitions=self.partitions)
             elif key.startswith(prefix):
                 entity_key = key[len(prefix):].decode()
                 summary = json.loads(msg.value()) if msg.value() is not None else None
                 self._restore_summary(entity_key, summary)
                 summaries += 1
+            elif key == legacy_key:
+                legacy = msg.value() is not None
+        mismatch = identity_mismatch(self.position.identity, self.identity)
+        if mismatch is not None:
+            raise self._foreign(f"its position in {self.topics.producer_offsets} says so ({mismatch})")
         if self.position.partitions not in (None, self.partitions):
             raise ConfigError(
                 f"kafka.topics.changes: {self.topics.changes} has {self.partitions} partitions, but the connector "
@@ -131,11 +155,27 @@ class ChangeProducer:
                 "partitions and their state with them; create new change and state topics and replay instead "
                 "(docs/operations.md)")
         self.position.partitions = self.partitions
-        if not self.position.known_summaries and self.position.snapshot_seq > 0:
+        if not found:
+            if legacy:
+                log.info("a position written by an earlier version under %r is not taken: it does not say which "
+                         "MLflow and change topic it belongs to (pipelines on one Kafka shared it); what was "
+                         "published is read from %s itself, and a complete snapshot starts", legacy_key.decode(),
+                         self.topics.changes)
+            self._restore_from_change_topic()
+        elif not self.position.known_summaries and self.position.snapshot_seq > 0:
             self._restore_from_change_topic()
         self.position.known_summaries = True
+        self.position.identity = self.identity
         log.info("producer position restored: snapshot %d, %d entities published (%d records read in %.1f s)",
                  self.position.snapshot_seq, len(self.published), summaries, time.monotonic() - started)
+
+    def _foreign(self, evidence: str) -> ConfigError:
+        """The error of a change topic that holds another MLflow's changes: never read as this one's."""
+        return ConfigError(
+            f"kafka.topics.changes: {self.topics.changes} holds the changes of another MLflow than "
+            f"{normalized_uri(self.tracking_uri)}: {evidence}. Its entities would be taken for gone from this one. "
+            "Give each MLflow server its own pipeline: its own pipeline_name, kafka.topics (changes, state), "
+            "kafka.consumer_group and kafka.transactional_id_prefix (docs/operations.md, Deployment)")
 
     def _restore_summary(self, key: str, summary: dict[str, Any] | None) -> None:
         kind = kind_of_key(key)
@@ -152,6 +192,7 @@ class ChangeProducer:
         summaries a normal start reads; then written, so that the next start reads those."""
         events = 0
         summaries: dict[str, dict[str, Any] | None] = {}
+        sources: dict[str, str] = {}  # key -> the tracking URI of its latest event
         for msg in read_committed(self.connection, self.topics.changes, role="producer restore"):
             events += 1
             try:
@@ -161,11 +202,17 @@ class ChangeProducer:
             if event["kind"] != "SNAPSHOT":
                 after = event["after"]
                 summaries[event["key"]] = None if after is None else Known.summary(event["kind"], after)  # type: ignore[arg-type]
+                sources[event["key"]] = normalized_uri(event["source"]["tracking_uri"])
+        foreign = sorted({uri for key, uri in sources.items() if summaries[key] is not None}
+                         - {self.identity["tracking_uri"]})
+        if foreign:
+            raise self._foreign(f"its events were read from {', '.join(foreign[:3])}")
         present = {key: summary for key, summary in summaries.items() if summary is not None}
         for key, summary in summaries.items():
             self._restore_summary(key, summary)
-        log.info("no summaries of published entities yet: %d change events read; writing %d summaries", events,
-                 len(present))
+        if events:
+            log.info("no summaries of published entities yet: %d change events read; writing %d summaries", events,
+                     len(present))
         keys = sorted(present)
         for start in range(0, len(keys), 5000):
             chunk = keys[start:start + 5000]
@@ -224,6 +271,8 @@ class ChangeProducer:
             if position is not None:
                 writer.produce(self.topics.producer_offsets, self.position_key, position.to_json())
 
+        if position is not None:
+            position = replace(position, identity=self.identity, requests_offset=self.requests_offset)
         self.writer.transaction_with_retry(fill, f"transaction of {len(batch)} events")
         METRICS.produced((event["kind"], event["op"]) for event, _ in batch)
         for key, summary in published.items():
@@ -496,11 +545,14 @@ class ChangeProducer:
         model is read by itself: one that MLflow keeps failing holds up no other (see `_targeted_read`)."""
         now = time.monotonic()
         names = {name for name, at in self._read_again_at.items() if at <= now}
+        through = self.requests_read() if self.requests_read is not None else None  # before the queue is drained
         try:
             if not names:
                 names.add(self.refresh_requests.get(timeout=timeout) if timeout > 0
                           else self.refresh_requests.get_nowait())
         except queue.Empty:
+            if through is not None:  # every request read so far was taken from the queue and applied
+                self.requests_offset = through
             return
         while not self.refresh_requests.empty():
             names.add(self.refresh_requests.get_nowait())
@@ -513,6 +565,8 @@ class ChangeProducer:
                 changes.deleted_keys += one.deleted_keys
         if changes.entities or changes.deleted_keys:
             self._publish(changes, None)
+        if through is not None:
+            self.requests_offset = through  # applied: written with the next position
 
     def _targeted_read(self, name: str) -> ChangeSet | None:
         """The targeted read of one registered model, each request retried for TARGETED_READ_RETRY_SECONDS at

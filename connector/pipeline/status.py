@@ -19,7 +19,7 @@ from connector.config import ConnectorConfig
 from connector.datahub.decisions import SNAPSHOT_KEY, Entry
 from connector.kafka.clients import KafkaConnection
 from connector.kafka.reading import consumer_lag, read_committed
-from connector.pipeline.producer import Position, position_key
+from connector.pipeline.position import Position, position_key, producer_id, role_key
 
 GRACE_SECONDS = 600.0
 
@@ -36,6 +36,10 @@ class Status:
     consumer_members: int | None
     healthy: bool
     problems: list[str] = field(default_factory=list)
+    # The instance holding the producer role now (from its group), since when (its record), and the standbys.
+    producer_role: dict[str, Any] | None = None
+    # Each instance of the consumer group: its change-topic partitions.
+    instances: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -58,6 +62,15 @@ class Status:
         out.append(f"snapshot running: {self.snapshot_running or 'no'}")
         out.append(f"entities known in DataHub: {self.entities_known} (soft-deleted: {self.entities_removed})")
         out.append(f"dead letters: {self.dead_letters}")
+        role = self.producer_role or {}
+        if role.get("holder"):
+            out.append(f"producer role: {role['holder']} since {_iso(role.get('since_ms'))}; standing by: "
+                       + (", ".join(role.get("standbys") or []) or "none"))
+        else:
+            out.append("producer role: held by no instance")
+        if self.instances:
+            out.append("instances: " + "; ".join(f"{name} (partitions {', '.join(map(str, parts)) or 'none'})"
+                                                 for name, parts in sorted(self.instances.items())))
         if self.producer_position is not None:
             marks = self.producer_position.get("watermarks") or {}
             out.append(f"producer position: snapshot {self.producer_position.get('snapshot_seq')}, watermarks "
@@ -79,19 +92,40 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
     now = int(time.time() * 1000) if now_ms is None else now_ms
 
     position: Position | None = None
-    key = position_key(cfg)
+    role_record: dict[str, Any] | None = None
+    key, held_key = position_key(cfg), role_key(cfg)
     for msg in read_committed(connection, k.topics.producer_offsets, role="status", settled=False):
         if msg.key() == key:
             position = Position.from_json(msg.value()) if msg.value() is not None else None
+        elif msg.key() == held_key and msg.value() is not None:
+            role_record = json.loads(msg.value())
 
     lag = consumer_lag(connection, k.topics.changes, k.consumer_group)
     members: int | None
+    instances: dict[str, list[int]] = {}
+    producer_role: dict[str, Any] | None = None
     admin = connection.admin()  # held while its futures are pending: they need its thread
+    role_group = producer_id(cfg)
+    descriptions = admin.describe_consumer_groups([k.consumer_group, role_group], request_timeout=15)
     try:
-        description = admin.describe_consumer_groups([k.consumer_group], request_timeout=15)
-        members = len(description[k.consumer_group].result(timeout=30).members)
+        group = descriptions[k.consumer_group].result(timeout=30)
+        members = len(group.members)
+        for member in group.members:
+            parts = member.assignment.topic_partitions if member.assignment else []
+            instances[member.client_id] = sorted(tp.partition for tp in parts if tp.topic == k.topics.changes)
     except Exception:  # an unknown group, or a broker without the API: not known
         members = None
+    try:
+        holder, standbys = None, []
+        for member in descriptions[role_group].result(timeout=30).members:
+            if member.assignment and member.assignment.topic_partitions:
+                holder = member.client_id
+            else:
+                standbys.append(member.client_id)
+        since = role_record.get("since_ms") if role_record and role_record.get("instance") == holder else None
+        producer_role = {"holder": holder, "since_ms": since, "standbys": sorted(standbys)}
+    except Exception:
+        producer_role = None
 
     known = removed = 0
     entries: dict[tuple[int, str], Entry] = {}
@@ -130,4 +164,5 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
         entities_known=known, entities_removed=removed, dead_letters=dead,
         producer_position=asdict(position) if position is not None else None,
         consumer_members=members, healthy=not problems, problems=problems,
+        producer_role=producer_role, instances=instances,
     )
