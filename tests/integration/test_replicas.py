@@ -94,9 +94,10 @@ def test_three_instances_take_over_through_kills_and_a_rolling_restart(
         processes[holder].kill()
         snapshot_id = started.group(1)  # type: ignore[union-attr]
         assert f"snapshot {snapshot_id} complete" not in _log(processes[holder]), "killed after the snapshot ended"
+        standbys = {n: p for n, p in processes.items() if n != holder}
+        _wait("a standby to take the role and complete a snapshot", lambda: any(
+            re.search(r"snapshot \S+ complete", _log(p)) for p in standbys.values()), 120, standbys)
         processes[holder].start()
-        _wait("a complete snapshot by another instance", lambda: any(
-            re.search(r"snapshot \S+ complete", _log(p)) for n, p in processes.items() if n != holder), 120, processes)
 
         # 2. SIGKILLs of the holder during incremental cycles, under continuous MLflow changes: an MLflow
         #    change written right after each kill reaches the MCP topic in time.
@@ -111,13 +112,17 @@ def test_three_instances_take_over_through_kills_and_a_rolling_restart(
             probe = f"takeover probe {round_}"
             client.create_registered_model(probe)
             urn = model_group_urn(probe, settings)
-            _wait(f"{probe} on the MCP topic", lambda urn=urn: urn in _urns(cfg), 90, processes)
+            standbys = {n: p for n, p in processes.items() if n != holder}
+            _wait(f"{probe} on the MCP topic", lambda urn=urn: urn in _urns(cfg), 90, standbys)
             takeovers.append(time.monotonic() - killed)
+            assert _holder(standbys) is not None
             processes[holder].start()
 
         # 3. A rolling restart of the three instances, still under changes: each stopped with SIGTERM (the
         #    role, if it holds it, is handed over at once) and started again before the next.
         for name, process in processes.items():
+            _wait(f"{name} up", lambda p=process: _log(p).count("standing by for the producer role") >= p.starts,
+                  60, processes)
             before = _log(process).count("standing by for the producer role")
             assert process.stop() == 0, f"{name} did not stop cleanly: see {process.log}"
             process.start()
