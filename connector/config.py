@@ -225,8 +225,8 @@ class KafkaConfig(_Strict):
     consumer_group: str = "mlflow-datahub"
     """Consumer group of the change topic."""
     transactional_id_prefix: str = "mlflow-datahub"
-    """Prefix of the `transactional.id` of the producer, the consumers (with their `--instance-id`) and a
-    replay."""
+    """Prefix of the `transactional.id` of the producer and the consumers (both with the change topic's name,
+    the consumers with their `--instance-id`) and a replay."""
     connection_config: dict[str, Any] = {}
     """librdkafka settings of the connection (`security.protocol`, `sasl.*`, `ssl.*`, ...), for every client:
     producers, consumers, helper readers and the admin client. Connection settings found in `producer_config`
@@ -402,9 +402,9 @@ class ConnectorConfig(_Strict):
     """Optional, any type, so an existing recipe can be reused: a `datahub-kafka` sink gives `kafka` its
     defaults."""
     pipeline_name: str | None = None
-    """Becomes the `systemMetadata.runId` of every MCP (unset: `mlflow-datahub`) and names the producer's position
-    in its offsets topic. Connectors that share a Kafka cluster need their own `pipeline_name`, `kafka.topics`,
-    `kafka.consumer_group` and `kafka.transactional_id_prefix`."""
+    """Becomes the `systemMetadata.runId` of every MCP (unset: `mlflow-datahub`). Pipelines that share a Kafka
+    cluster need their own `kafka.topics.changes`, `state` and `mcp`; the producer's position and role are named by
+    the change topic, so the other names may be shared (docs/operations.md, Deployment)."""
     kafka: KafkaConfig = KafkaConfig()
     """The connector's Kafka and schema registry."""
     producer: ProducerSettings = ProducerSettings()
