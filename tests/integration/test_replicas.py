@@ -26,6 +26,7 @@ from connector.pipeline.dump import as_wrapper, read_mcps
 from connector.pipeline.status import read_status
 from tests.conftest import ConfigFactory, Kafka, read_to_end, run_cli
 from tests.integration.test_crash import Process, _fill, _live_changes, final_state
+from tests.integration.test_operations import _get, _metrics
 from tests.integration.test_webhooks import SECRET, _body, _headers, _send
 
 TAKEOVER_LIMIT_SECONDS = 30.0  # the issue's bound: an MLflow change reaches the MCP topic this soon after a kill
@@ -179,13 +180,24 @@ def test_a_webhook_delivery_to_a_standby_is_applied_by_the_holder(
     client.create_registered_model(name)
     client.create_model_version(name, "s3://bucket/standby/1")
     ports = {"w1": free_port(), "w2": free_port()}
+    operations = {"w1": free_port(), "w2": free_port()}
     first, cfg = make_config(own_mlflow.uri, {
         "producer": {"poll_interval_seconds": 120},  # polling cannot be what delivers the change below
         "webhooks": {"listen": f"127.0.0.1:{ports['w1']}", "secret": SECRET},
+        "metrics": {"listen": f"127.0.0.1:{operations['w1']}", "check_interval_seconds": 1},
     }, name="w1.yml")
-    # One pipeline, two instances: the same configuration but for the receiver's port.
+    # One pipeline, two instances: the same configuration but for the ports of the receiver and the metrics.
     paths = {"w1": first, "w2": tmp_path / "w2.yml"}
-    paths["w2"].write_text(first.read_text().replace(f"127.0.0.1:{ports['w1']}", f"127.0.0.1:{ports['w2']}"))
+    paths["w2"].write_text(first.read_text().replace(f"127.0.0.1:{ports['w1']}", f"127.0.0.1:{ports['w2']}")
+                           .replace(f"127.0.0.1:{operations['w1']}", f"127.0.0.1:{operations['w2']}"))
+
+    def role(instance: str) -> float | None:
+        return _metrics(f"http://127.0.0.1:{operations[instance]}").get(("mlflow_datahub_producer_role", ()))
+
+    def partitions(instance: str) -> list[str]:
+        return sorted(dict(labels)["partition"] for (name, labels), value
+                      in _metrics(f"http://127.0.0.1:{operations[instance]}").items()
+                      if name == "mlflow_datahub_assigned_partition" and value == 1)
     processes = {i: Process(["run", "-c", str(paths[i]), "--instance-id", i], tmp_path / f"{i}.log") for i in ports}
     urn = model_urn(name, "1", MappingSettings())
 
@@ -203,6 +215,16 @@ def test_a_webhook_delivery_to_a_standby_is_applied_by_the_holder(
         processes["w2"].start()
         _wait("w2 standing by", lambda: "standing by" in _log(processes["w2"]), 60, processes)
         _wait("the first snapshot on the MCP topic", lambda: urn in _urns(cfg), 120, processes)
+        # /metrics: the holder says 1, the standby 0; both consume a share of the partitions. /readyz: both ready.
+        _wait("the role in both instances' metrics", lambda: role("w1") == 1 and role("w2") == 0, 30, processes)
+        _wait("the partitions shared", lambda: sorted(partitions("w1") + partitions("w2")) == ["0", "1", "2"]
+              and partitions("w1") and partitions("w2"), 60, processes)
+        for instance in ("w1", "w2"):
+            _wait(f"{instance} ready", lambda i=instance: _get(f"http://127.0.0.1:{operations[i]}/readyz")[0] == 200,
+                  30, processes)
+        metrics = _metrics(f"http://127.0.0.1:{operations['w1']}")
+        since = metrics[("mlflow_datahub_producer_role_since_timestamp_seconds", ())]
+        assert time.time() - 120 < since <= time.time()
         client.set_model_version_tag(name, "1", "stage", "canary")  # moves no timestamp
         body = _body("model_version_tag", "set", name)
         status, answer = _send(f"http://127.0.0.1:{ports['w2']}/webhooks/mlflow", body, _headers(body))
@@ -222,6 +244,8 @@ def test_a_webhook_delivery_to_a_standby_is_applied_by_the_holder(
             and (as_wrapper(mcp).aspect.customProperties or {}).get("stage") == "production"  # type: ignore[union-attr]
             for key, mcp in read_mcps(cfg)), 60, {"w2": processes["w2"]})
         assert _holder(processes) == "w2"
+        _wait("the new holder's metrics", lambda: role("w2") == 1 and partitions("w2") == ["0", "1", "2"], 30,
+              {"w2": processes["w2"]})
     finally:
         for process in processes.values():
             if process.alive():
