@@ -97,7 +97,9 @@ class ChangeProducer:
         self.registry_uri = reader.settings.registry_uri
         self.position_key = position_key(cfg)
         self.partitions = partition_count(self.connection.admin(), self.topics.changes)
-        self.identity = identity(cfg, self.tracking_uri, self.registry_uri)
+        # What this pipeline reads, as the configuration says (a reader of another address, as a test's dead
+        # MLflow, is an outage of this MLflow, not another MLflow).
+        self.identity = identity(cfg, cfg.mlflow.resolved_tracking_uri(), cfg.mlflow.resolved_registry_uri())
         self.writer = TransactionalWriter(self.connection, producer_id(cfg), "producer",
                                           {"transaction.timeout.ms": 60000, "linger.ms": 20,
                                            "message.max.bytes": CHANGE_EVENT_MAX_BYTES})
@@ -173,7 +175,7 @@ class ChangeProducer:
         """The error of a change topic that holds another MLflow's changes: never read as this one's."""
         return ConfigError(
             f"kafka.topics.changes: {self.topics.changes} holds the changes of another MLflow than "
-            f"{normalized_uri(self.tracking_uri)}: {evidence}. Its entities would be taken for gone from this one. "
+            f"{self.identity['tracking_uri']}: {evidence}. Its entities would be taken for gone from this one. "
             "Give each MLflow server its own pipeline: its own pipeline_name, kafka.topics (changes, state), "
             "kafka.consumer_group and kafka.transactional_id_prefix (docs/operations.md, Deployment)")
 
