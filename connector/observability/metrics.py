@@ -37,6 +37,10 @@ class ConnectorMetrics:
         self.mlflow_requests = Counter(f"{PREFIX}_mlflow_requests", "Requests to MLflow, by outcome (ok, retried: "
                                        "a transient failure that is retried, failed: given up).", ["outcome"],
                                        registry=r)
+        self.signature_warnings = Counter(f"{PREFIX}_signature_warnings",
+                                          "Model versions published without features: their signature is absent, "
+                                          "unreadable or unavailable (read once per version).", ["reason"],
+                                          registry=r)
         self.skipped_objects = Counter(f"{PREFIX}_skipped_objects",
                                        "MLflow objects skipped after failing again and again.", registry=r)
         # Consumer (Debezium: MilliSecondsBehindSource, MilliSecondsSinceLastEvent; Connect: DLQ metrics)
