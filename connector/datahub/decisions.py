@@ -29,6 +29,7 @@ from connector.datahub.aspects import generic_aspect
 from connector.datahub.mapping import EntityMcps, MappingSettings, removal_mcp, removal_mcps, to_mcps
 
 SNAPSHOT_KEY = "__snapshot__"
+FEATURE_URN_PREFIX = "urn:li:mlFeature:"
 
 
 @dataclass(frozen=True)
@@ -294,11 +295,16 @@ class Decider:
         owned = {urn: e for urn, e in self.partition.entries.items() if e.owner}
         known = {urn: e for urn, e in owned.items() if not e.removed}
         stale = sorted(urn for urn, e in known.items() if e.seen != snapshot_id)
-        if stale:
-            percent = 100.0 * len(stale) / len(known)
+        # The threshold counts MLflow objects, not the features a registered model owns (a model with
+        # hundreds of inputs would otherwise weigh as hundreds of objects).
+        objects = [urn for urn in known if not urn.startswith(FEATURE_URN_PREFIX)]
+        stale_objects = [urn for urn in stale if not urn.startswith(FEATURE_URN_PREFIX)]
+        if stale_objects:
+            percent = 100.0 * len(stale_objects) / len(objects)
             if percent > self.policy.fail_safe_threshold:
                 outcome.warnings.append(
-                    f"snapshot {snapshot_id}: {len(stale)} of {len(known)} entities ({percent:.0f}%) would be "
+                    f"snapshot {snapshot_id}: {len(stale_objects)} of {len(objects)} entities ({percent:.0f}%) "
+                    "would be "
                     f"soft-deleted, more than fail_safe_threshold {self.policy.fail_safe_threshold:g}%: "
                     "nothing deleted")
                 return outcome

@@ -162,9 +162,10 @@ def _column(spec: Any) -> SignatureColumn:
 def _schema(text: Any) -> list[SignatureColumn]:
     from mlflow.types.schema import Schema
 
-    if not text:
+    specs = json.loads(text) if isinstance(text, str) else text
+    if not specs:
         return []
-    return [_column(spec) for spec in Schema.from_json(text if isinstance(text, str) else json.dumps(text)).inputs]
+    return [_column(spec) for spec in Schema.from_json(json.dumps(specs)).inputs]
 
 
 def parse_mlmodel(text: str) -> SignatureRead:
