@@ -154,7 +154,7 @@ class ArtifactUnreadable(Exception):
 
 # A model version's artifact is read with bounded retries: a server that keeps failing it must not hold up a
 # snapshot (the version is published without its signature, and read again at the next snapshot).
-ARTIFACT_RETRY_SECONDS = 10.0
+ARTIFACT_RETRY_SECONDS = 3.0
 MODEL_VERSION_ARTIFACT_ENDPOINT = "/model-versions/get-artifact"
 
 
@@ -673,17 +673,28 @@ class MlflowReader:
                                      "its artifacts are not read")
         creds = host_credentials(uri, self.settings)
         params = {"name": name, "version": version, "path": path}
+        last: list[int] = []  # the status of each answer
 
         def fetch() -> requests.Response:
             response = rest_utils.http_request(creds, MODEL_VERSION_ARTIFACT_ENDPOINT, "GET", params=params,
                                                max_retries=0, raise_on_status=False)
             status = response.status_code
+            last.append(status)
             if status >= 500 or status in TRANSIENT_STATUSES:  # retried by `call`, as any request
                 raise MlflowException(f"HTTP {status}", error_code=get_error_code(status))
             return response
 
-        with self.retrying_for(ARTIFACT_RETRY_SECONDS):
-            response = self.call("model version artifact", fetch)
+        try:
+            with self.retrying_for(ARTIFACT_RETRY_SECONDS):
+                response = self.call("model version artifact", fetch)
+        except MlflowUnavailable:
+            if last and last[-1] == 500:
+                # MLflow's own error page for an artifact store it cannot read for this version (a bucket without
+                # credentials, a scheme it has no client for): the answer of every retry, not an outage.
+                raise ArtifactUnreadable(f"MLflow at {without_credentials(uri)} answered HTTP 500 to each of "
+                                         f"{len(last)} requests for {path} (its artifact store cannot serve this "
+                                         "version's source)") from None
+            raise
         if response.status_code != 200:
             reasons = {401: "refused the credentials", 403: "refused access", 404: "has no such file"}
             raise ArtifactUnreadable(f"MLflow at {without_credentials(uri)} "
