@@ -29,6 +29,7 @@ from connector.observability.metrics import METRICS
 log = logging.getLogger("connector.signatures")
 
 PARALLEL_READS = 4  # artifact requests at once when many versions are new (a first snapshot)
+LOGGED_PER_PASS = 10  # warning lines per snapshot or cycle; the rest are counted (the snapshot's summary line)
 
 
 class Signatures:
@@ -42,10 +43,12 @@ class Signatures:
         self.requests = 0  # artifact requests made (the bench and the tests count them)
         self.warnings: Counter[str] = Counter()  # status -> versions read without features
         self._read: dict[str, SignatureRead] = {}  # read by this process, not yet in `Known` (not committed)
+        self._logged = 0  # warning lines of this pass
 
     def begin(self) -> None:
         """A new snapshot or cycle: what was read is in `Known` by now (or is read again)."""
         self._read.clear()
+        self._logged = 0
 
     def cached(self, name: str, version: str) -> SignatureRead | None:
         key = model_version_key(name, version)
@@ -91,7 +94,12 @@ class Signatures:
         if status != "PRESENT":
             self.warnings[str(status)] += 1
             METRICS.signature_warnings.labels(str(status).lower()).inc()
-            log.warning("model %r version %s: no features (signature %s: %s)%s", name, version, str(status).lower(),
-                        found["signature_reason"], "; read again at the next snapshot" if status == "UNAVAILABLE"
-                        else "")
+            self._logged += 1
+            if self._logged <= LOGGED_PER_PASS:
+                log.warning("model %r version %s: no features (signature %s: %s)%s", name, version,
+                            str(status).lower(), found["signature_reason"],
+                            "; read again at the next snapshot" if status == "UNAVAILABLE" else "")
+            if self._logged == LOGGED_PER_PASS:
+                log.warning("further model versions without features are counted, not logged one by one, until "
+                            "the next snapshot or cycle (mlflow_datahub_signature_warnings_total)")
         return found
