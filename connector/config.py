@@ -277,6 +277,9 @@ class ProducerSettings(_Strict):
     Retry-After either way). Unset: no limit."""
     transaction_size: int = Field(default=500, ge=1)
     """Change events per Kafka transaction of the producer."""
+    read_signatures: bool = True
+    """Read each model version's signature (its `MLmodel` file: one artifact request per version, once ever) for
+    its features (docs/compatibility.md 3.17). Off: versions carry no signature and models no features."""
 
 
 class ConsumerSettings(_Strict):

@@ -96,7 +96,8 @@ class ChangeProducer:
         self.position = Position(partitions=self.partitions)
         self.known = Known()
         self.published = self.known.fingerprints  # key -> fingerprint of the last published state
-        self.signatures = Signatures(reader, self.known)  # read once per model version ever (kept in `known`)
+        # Read once per model version ever (kept in `known`).
+        self.signatures = Signatures(reader, self.known, enabled=cfg.producer.read_signatures)
         self.experiment_names: dict[str, str] = {}
         self.refresh_requests: queue.Queue[str] = queue.Queue()  # registered model names (webhooks)
         self.skipped_objects = 0  # targeted reads given up after failing again and again (for metrics)

@@ -303,3 +303,11 @@ def test_signatures_are_read_once_and_unavailable_ones_again() -> None:
     again = [signatures.of(v) for v in versions]
     assert reader.asked == [("m", "3")]  # only what MLflow did not answer is asked again
     assert again[:2] == reads[:2]
+
+
+def test_reading_signatures_can_be_switched_off() -> None:
+    reader = CountingReader({})
+    signatures = Signatures(reader, Known(), enabled=False)  # type: ignore[arg-type]
+    assert signatures.of(mo.model_version("m", "1")) == changes.NOT_READ
+    signatures.prefetch([mo.model_version("m", "2"), mo.model_version("m", "3")])
+    assert reader.asked == [] and signatures.requests == 0
