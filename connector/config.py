@@ -285,6 +285,9 @@ class ProducerSettings(_Strict):
     consumer group: a holder silent this long (killed, cut off) is replaced by a standby. Shorter: a faster
     takeover; longer: fewer false takeovers on a slow network. The broker's `group.min.session.timeout.ms`
     (default 6 s) and `group.max.session.timeout.ms` bound it (docs/operations.md, Deployment)."""
+    read_signatures: bool = True
+    """Read each model version's signature (its `MLmodel` file: one artifact request per version, once ever) for
+    its features (docs/compatibility.md 3.17). Off: versions carry no signature and models no features."""
 
 
 class ConsumerSettings(_Strict):

@@ -80,6 +80,24 @@ class StageVersion(TypedDict):
     stage: str
 
 
+class SignatureColumn(TypedDict):
+    """One input or output of a model signature (schema version 3)."""
+
+    name: str | None
+    type: str  # MLflow's type of a column (double, long, Array(string), ...), a tensor's dtype
+    kind: Literal["column", "tensor"]
+    optional: bool
+    shape: list[int] | None  # tensors only
+
+
+class Signature(TypedDict):
+    inputs: list[SignatureColumn]
+    outputs: list[SignatureColumn]
+
+
+SignatureStatus = Literal["PRESENT", "ABSENT", "UNREADABLE", "UNAVAILABLE"]
+
+
 class RegisteredModel(TypedDict):
     name: str
     description: str | None
@@ -88,12 +106,14 @@ class RegisteredModel(TypedDict):
     tags: list[Tag]
     aliases: list[Alias]
     latest_versions: list[StageVersion]
+    features: list[SignatureColumn]  # v3: named signature inputs of its versions, one per name
 
 
 class RunSummary(TypedDict):
     run_id: str
     params: list[Tag]
     metrics: list[Metric]
+    dataset_inputs: list[DatasetInput]  # v3
 
 
 class ModelVersion(TypedDict):
@@ -110,6 +130,9 @@ class ModelVersion(TypedDict):
     tags: list[Tag]
     aliases: list[str]
     run: RunSummary | None
+    signature_status: SignatureStatus | None  # v3; None: not read
+    signature_reason: str | None  # v3: why UNREADABLE or UNAVAILABLE
+    signature: Signature | None  # v3: when PRESENT
 
 
 class LoggedModel(TypedDict):

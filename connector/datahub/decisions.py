@@ -3,8 +3,9 @@ from it. Pure: events and MCPs in, MCPs to write and state changes out.
 
 For every URN the connector wrote, the state holds the fingerprint of each aspect last written
 (so an unchanged aspect is not written again), the change key that owns it (for the entity's
-primary URN; shared URNs such as stage tags, users and datasets have no owner and are never
-soft-deleted), the last complete snapshot that saw it, and whether it is soft-deleted.
+primary URN, and the other URNs its key owns: a registered model's features; shared URNs such as
+stage tags, users and datasets have no owner and are never soft-deleted), the last complete
+snapshot that saw it, and whether it is soft-deleted.
 
 Soft deletes decided here (an entity gone from MLflow, a renamed experiment's old URN, an entity
 a complete snapshot did not see) write `status {removed: true}` (plus what depends on the entity,
@@ -28,6 +29,7 @@ from connector.datahub.aspects import generic_aspect
 from connector.datahub.mapping import EntityMcps, MappingSettings, removal_mcp, removal_mcps, to_mcps
 
 SNAPSHOT_KEY = "__snapshot__"
+FEATURE_URN_PREFIX = "urn:li:mlFeature:"
 
 
 @dataclass(frozen=True)
@@ -229,10 +231,11 @@ class Decider:
         outcome = Outcome()
         key = event["key"]
         open_snapshot = self.partition.open_snapshot
+        owned = {entity.primary_urn, *entity.owned_urns}  # a registered model owns its features too
         for mcp in entity.mcps:
             urn = str(mcp.entityUrn)
             current = self._current(urn, outcome) or Entry()
-            fp = (aspect_fingerprint(mcp) if urn == entity.primary_urn
+            fp = (aspect_fingerprint(mcp) if urn in owned
                   else shared_aspect_fingerprint(mcp, self.partition.shared_fingerprints))
             aspects = current.aspects
             if aspects.get(str(mcp.aspectName)) == fp:
@@ -240,7 +243,7 @@ class Decider:
             else:
                 outcome.mcps.append(mcp)
                 aspects = {**aspects, str(mcp.aspectName): fp}
-            if urn == entity.primary_urn:
+            if urn in owned:
                 current = Entry(key, aspects, open_snapshot or current.seen, aspects.get("status") == _REMOVED)
             elif aspects is not current.aspects:
                 current = Entry(current.owner, aspects, current.seen, current.removed)
@@ -250,12 +253,11 @@ class Decider:
         for urn in [u for u, e in outcome.state.items() if e == self.partition.entries.get(u)]:
             del outcome.state[urn]
         if self.policy.deletes:
-            previous = [u for u in self.partition.owned_by(key) if u != entity.primary_urn]
+            previous = [u for u in self.partition.owned_by(key) if u not in owned]
             for urn in previous:
                 outcome.notes.append(f"{key} no longer maps to {urn}: soft-deleted")
                 self._soft_delete(urn, entity.mcps[0] if entity.mcps else None, outcome)
-            self._forget([u for u in self.partition.owned_by(key, removed=True) if u != entity.primary_urn],
-                         outcome)
+            self._forget([u for u in self.partition.owned_by(key, removed=True) if u not in owned], outcome)
         return outcome
 
     def deleted(self, event: ChangeEvent) -> Outcome:
@@ -293,11 +295,16 @@ class Decider:
         owned = {urn: e for urn, e in self.partition.entries.items() if e.owner}
         known = {urn: e for urn, e in owned.items() if not e.removed}
         stale = sorted(urn for urn, e in known.items() if e.seen != snapshot_id)
-        if stale:
-            percent = 100.0 * len(stale) / len(known)
+        # The threshold counts MLflow objects, not the features a registered model owns (a model with
+        # hundreds of inputs would otherwise weigh as hundreds of objects).
+        objects = [urn for urn in known if not urn.startswith(FEATURE_URN_PREFIX)]
+        stale_objects = [urn for urn in stale if not urn.startswith(FEATURE_URN_PREFIX)]
+        if stale_objects:
+            percent = 100.0 * len(stale_objects) / len(objects)
             if percent > self.policy.fail_safe_threshold:
                 outcome.warnings.append(
-                    f"snapshot {snapshot_id}: {len(stale)} of {len(known)} entities ({percent:.0f}%) would be "
+                    f"snapshot {snapshot_id}: {len(stale_objects)} of {len(objects)} entities ({percent:.0f}%) "
+                    "would be "
                     f"soft-deleted, more than fail_safe_threshold {self.policy.fail_safe_threshold:g}%: "
                     "nothing deleted")
                 return outcome

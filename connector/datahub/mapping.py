@@ -21,6 +21,7 @@ from datahub.ingestion.source.common.data_platforms import KNOWN_VALID_PLATFORM_
 from datahub.ingestion.source.common.subtypes import MLAssetSubTypes
 from datahub.metadata.schema_classes import (
     AuditStampClass,
+    BaseDataClass,
     ContainerClass,
     DataPlatformInstanceClass,
     DataProcessInstanceInputClass,
@@ -32,6 +33,8 @@ from datahub.metadata.schema_classes import (
     EdgeClass,
     GlobalTagsClass,
     MetadataAttributionClass,
+    MLFeatureDataTypeClass,
+    MLFeaturePropertiesClass,
     MLHyperParamClass,
     MLMetricClass,
     MLModelGroupPropertiesClass,
@@ -46,13 +49,14 @@ from datahub.metadata.schema_classes import (
     TagAssociationClass,
     TagPropertiesClass,
     TimeStampClass,
+    TrainingDataClass,
     UpstreamClass,
     UpstreamLineageClass,
     VersionPropertiesClass,
     VersionTagClass,
     _Aspect,
 )
-from datahub.metadata.urns import DataPlatformUrn, DatasetUrn, MlModelGroupUrn, MlModelUrn, VersionSetUrn
+from datahub.metadata.urns import DataPlatformUrn, DatasetUrn, MlFeatureUrn, MlModelGroupUrn, MlModelUrn, VersionSetUrn
 from datahub.sdk.container import Container
 from datahub.sdk.dataset import Dataset
 from datahub.utilities.urn_encoder import UrnEncoder
@@ -65,6 +69,8 @@ from connector.contract.events import (
     ModelVersion,
     RegisteredModel,
     Run,
+    Signature,
+    SignatureColumn,
     Tag,
     kind_of_key,
     model_version_of_key,
@@ -109,6 +115,9 @@ class EntityMcps:
 
     primary_urn: str | None
     mcps: list[MetadataChangeProposalWrapper]
+    # Further URNs the event's key owns, as it owns its primary URN (soft-deleted when the key no longer
+    # maps to them, or is gone): a registered model's features.
+    owned_urns: tuple[str, ...] = ()
 
 
 # ---- URNs -------------------------------------------------------------------------------------
@@ -160,6 +169,14 @@ def model_group_urn(name: str, settings: MappingSettings) -> str:
 def model_urn(name: str, version: str, settings: MappingSettings) -> str:
     return _named_urn(MlModelUrn, _in_instance(f"{name}{settings.model_name_separator}{version}", settings),
                       settings.env)
+
+
+def feature_urn(model_name: str, column: str, settings: MappingSettings) -> str:
+    """A model's input feature: namespace = the registered model (as its model group names it, with the
+    platform instance), name = the signature's column name; both encoded as DataHub's typed URN
+    classes do (`sepal length (cm)` -> `sepal length %28cm%29`)."""
+    return str(MlFeatureUrn(UrnEncoder.encode_string(_in_instance(model_name, settings)),
+                            UrnEncoder.encode_string(column), _allow_coercion=False))
 
 
 def _instance_urn(settings: MappingSettings) -> str | None:
@@ -318,6 +335,18 @@ def _dataset_platform(source_type: str, settings: MappingSettings) -> str | None
     return source_type if source_type in KNOWN_VALID_PLATFORM_NAMES else None
 
 
+def dataset_input_urns(dataset_inputs: Iterable[DatasetInput], settings: MappingSettings) -> list[str]:
+    """The URNs a run's `dataProcessInstanceInput` links, one per dataset input (as `_dataset_mcps`
+    names them; an input skipped there for want of a platform is left out here too), without repeats."""
+    urns: list[str] = []
+    for dataset in dataset_inputs:
+        if dataset["source_type"] not in ("local", "code") and settings.materialize_dataset_inputs \
+                and not _dataset_platform(dataset["source_type"], settings):
+            continue
+        urns.append(str(DatasetUrn(platform=PLATFORM, name=dataset["name"], env=settings.env)))
+    return list(dict.fromkeys(urns))
+
+
 def _dataset_mcps(
     run: Run, settings: MappingSettings
 ) -> tuple[list[str], list[MetadataChangeProposalWrapper], list[str]]:
@@ -432,7 +461,55 @@ def _latest_version(model: RegisteredModel) -> str | None:
     return str(max(versions)) if versions else None
 
 
-def registered_model_mcps(model: RegisteredModel, settings: MappingSettings) -> EntityMcps:
+# MLflow's column types -> DataHub's feature data types (docs/compatibility.md, "Features and training data").
+# Integers are COUNT: a model's integer input is most often a count (items, visits, days); ORDINAL would
+# claim an order of categories that the signature does not state.
+COLUMN_DATA_TYPES = {
+    "double": MLFeatureDataTypeClass.CONTINUOUS,
+    "float": MLFeatureDataTypeClass.CONTINUOUS,
+    "long": MLFeatureDataTypeClass.COUNT,
+    "integer": MLFeatureDataTypeClass.COUNT,
+    "string": MLFeatureDataTypeClass.TEXT,
+    "boolean": MLFeatureDataTypeClass.BINARY,
+}
+
+
+def feature_data_type(column: SignatureColumn) -> str:
+    """DataHub's `MLFeatureDataType` of a signature input: a column by its MLflow type, a named
+    tensor by its numpy dtype (floats CONTINUOUS, integers COUNT, bool BINARY, str TEXT); UNKNOWN
+    for every other type (binary, datetime, arrays, objects, maps, Any)."""
+    kind = column["type"]
+    if column["kind"] == "tensor":
+        kind = ("double" if kind.startswith("float") else "long" if kind.startswith(("int", "uint"))
+                else "boolean" if kind == "bool" else "string" if kind in ("str", "unicode") else kind)
+    return COLUMN_DATA_TYPES.get(kind, MLFeatureDataTypeClass.UNKNOWN)
+
+
+def _column_properties(column: SignatureColumn) -> dict[str, str]:
+    out = {"mlflow.type": column["type"], "mlflow.kind": column["kind"],
+           "mlflow.required": "false" if column["optional"] else "true"}
+    if column["shape"] is not None:
+        out["mlflow.shape"] = json.dumps(column["shape"])
+    return out
+
+
+def _fits(urn: str) -> bool:
+    return len(urn.encode()) * 3 <= MAX_URN_BYTES or urn_bytes(urn) <= MAX_URN_BYTES
+
+
+def _features(model: str, columns: Iterable[SignatureColumn], settings: MappingSettings
+              ) -> list[tuple[str, SignatureColumn]]:
+    """(feature URN, column) of the named inputs whose URN DataHub takes, without repeats."""
+    out: dict[str, SignatureColumn] = {}
+    for column in columns:
+        if column["name"]:
+            urn = feature_urn(model, column["name"], settings)
+            if _fits(urn):
+                out.setdefault(urn, column)
+    return list(out.items())
+
+
+def registered_model_mcps(model: RegisteredModel, settings: MappingSettings) -> tuple[EntityMcps, list[str]]:
     urn = model_group_urn(model["name"], settings)
     properties = MLModelGroupPropertiesClass(
         customProperties=_dict(model["tags"]),
@@ -446,7 +523,31 @@ def registered_model_mcps(model: RegisteredModel, settings: MappingSettings) -> 
             ),
         ),
     )
-    return EntityMcps(urn, [_mcp(urn, properties), _status(urn, False)])
+    mcps = [_mcp(urn, properties), _status(urn, False)]
+    # Beyond the original: the model's features, one per named input of its live versions' signatures
+    # (the producer joins them into the model's event). Owned by the registered model's key, so that a
+    # feature no live version lists any more is soft-deleted (connector/datahub/decisions.py).
+    columns = model.get("features") or []
+    features = _features(model["name"], columns, settings)
+    warnings = [f"registered model {_shown(model['name'])}: feature {_shown(str(c['name']))} not written, its URN "
+                f"is over DataHub's limit of {MAX_URN_BYTES} bytes" for c in columns
+                if c["name"] and not _fits(feature_urn(model["name"], c["name"], settings))]
+    for feature, column in features:
+        mcps.append(_mcp(feature, MLFeaturePropertiesClass(customProperties=_column_properties(column),
+                                                           dataType=feature_data_type(column))))
+        mcps.append(_status(feature, False))
+    return EntityMcps(urn, mcps, tuple(feature for feature, _ in features)), warnings
+
+
+def _signature_properties(signature: Signature | None) -> dict[str, str]:
+    """The whole signature in the version's customProperties: inputs (tensors, unnamed columns
+    included) and outputs, as MLflow's types name them."""
+    if signature is None:
+        return {}
+    def shown(columns: list[SignatureColumn]) -> str:
+        return json.dumps([{k: v for k, v in c.items() if v is not None} for c in columns], separators=(",", ":"))
+    return {"mlflow.signature.inputs": shown(signature["inputs"]),
+            "mlflow.signature.outputs": shown(signature["outputs"])}
 
 
 def model_version_mcps(version: ModelVersion, event: ChangeEvent, settings: MappingSettings) -> EntityMcps:
@@ -456,8 +557,10 @@ def model_version_mcps(version: ModelVersion, event: ChangeEvent, settings: Mapp
     # FIX(version-creator): the original points at `urn:li:platformResource:<user id>`, an entity
     # nobody creates; the creator is the same user resource that runs point at.
     creator = user_urn(version["user_id"]) if version["user_id"] else None
+    signature = version.get("signature")
     properties = MLModelPropertiesClass(
-        customProperties=_dict(version["tags"]),
+        # Beyond the original: the signature, as properties (outputs and tensors have no entity of their own).
+        customProperties={**_dict(version["tags"]), **_signature_properties(signature)},
         externalUrl=f"{base.rstrip('/')}/#/models/{version['name']}/versions/{version['version']}" if base else None,
         lastModified=TimeStampClass(time=cast(int, version["last_updated_timestamp"]), actor=None),
         description=version["description"],
@@ -467,6 +570,8 @@ def model_version_mcps(version: ModelVersion, event: ChangeEvent, settings: Mapp
         tags=[f"{t['key']}:{t['value']}" for t in version["tags"]],
         groups=[model_group_urn(version["name"], settings)],
         trainingJobs=[run_urn(run["run_id"])] if run else [],
+        # Beyond the original: the features of its signature's named inputs (written by the model's event).
+        mlFeatures=[u for u, _ in _features(version["name"], signature["inputs"], settings)] if signature else None,
     )
     version_properties = VersionPropertiesClass(
         version=VersionTagClass(
@@ -494,6 +599,11 @@ def model_version_mcps(version: ModelVersion, event: ChangeEvent, settings: Mapp
                                         for stage in [version["current_stage"]] if stage])),
         _status(urn, False),
     ]
+    if run:
+        # Beyond the original: the data its training run consumed, the URNs of the run's
+        # dataProcessInstanceInput (written also when empty, so that a change clears it).
+        mcps.append(_mcp(urn, TrainingDataClass(trainingData=[
+            BaseDataClass(dataset=u) for u in dataset_input_urns(run.get("dataset_inputs") or [], settings)])))
     mcps += platform_instance_mcp(urn, settings)
     mcps += platform_instance_mcp(urn, settings)
     return EntityMcps(urn, mcps)
@@ -551,7 +661,7 @@ def to_mcps(event: ChangeEvent, settings: MappingSettings) -> Transformed:
     elif event["kind"] == "RUN":
         entity, warnings = run_mcps(cast(Run, after), event, settings)
     elif event["kind"] == "REGISTERED_MODEL":
-        entity = registered_model_mcps(cast(RegisteredModel, after), settings)
+        entity, warnings = registered_model_mcps(cast(RegisteredModel, after), settings)
     else:
         entity = model_version_mcps(cast(ModelVersion, after), event, settings)
     _check_urn_lengths(event, entity)

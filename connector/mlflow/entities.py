@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
+import yaml
 from mlflow.entities import Experiment as MlflowExperiment
 from mlflow.entities import LoggedModel as MlflowLoggedModel
 from mlflow.entities import Run as MlflowRun
@@ -21,6 +23,9 @@ from connector.contract.events import (
     RegisteredModel,
     Run,
     RunSummary,
+    Signature,
+    SignatureColumn,
+    SignatureStatus,
     Tag,
 )
 
@@ -99,7 +104,8 @@ def run_state(run: MlflowRun, experiment_name: str, model_versions: Iterable[Mod
 
 def run_summary(run: Run) -> RunSummary:
     """What a model version needs from the run that produced it."""
-    return {"run_id": run["run_id"], "params": run["params"], "metrics": run["metrics"]}
+    return {"run_id": run["run_id"], "params": run["params"], "metrics": run["metrics"],
+            "dataset_inputs": run["dataset_inputs"]}
 
 
 def stage_of(version: MlflowModelVersion) -> str:
@@ -121,14 +127,87 @@ def registered_model_state(model: MlflowRegisteredModel) -> RegisteredModel:
         "latest_versions": [
             {"version": str(v.version), "stage": stage_of(v)} for v in (model.latest_versions or [])
         ],
+        "features": [],  # the signatures' inputs of its versions: `with_features`
     }
 
 
+class SignatureRead(TypedDict):
+    """What reading a model version's signature found (the `signature*` fields of its state)."""
+
+    signature_status: SignatureStatus | None
+    signature_reason: str | None
+    signature: Signature | None
+
+
+NOT_READ: SignatureRead = {"signature_status": None, "signature_reason": None, "signature": None}
+
+
+def signature_read(status: SignatureStatus, reason: str | None = None,
+                   signature: Signature | None = None) -> SignatureRead:
+    return {"signature_status": status, "signature_reason": reason, "signature": signature}
+
+
+def _column(spec: Any) -> SignatureColumn:
+    """A ColSpec or TensorSpec of mlflow.types.schema as the contract carries it."""
+    from mlflow.types.schema import DataType, TensorSpec
+
+    if isinstance(spec, TensorSpec):
+        return {"name": spec.name, "type": str(spec.type), "kind": "tensor", "optional": not spec.required,
+                "shape": [int(d) for d in spec.shape]}
+    kind = spec.type.name if isinstance(spec.type, DataType) else str(spec.type)
+    return {"name": spec.name, "type": kind, "kind": "column", "optional": not spec.required,
+            "shape": None}
+
+
+def _schema(text: Any) -> list[SignatureColumn]:
+    from mlflow.types.schema import Schema
+
+    specs = json.loads(text) if isinstance(text, str) else text
+    if not specs:
+        return []
+    return [_column(spec) for spec in Schema.from_json(json.dumps(specs)).inputs]
+
+
+def parse_mlmodel(text: str) -> SignatureRead:
+    """The signature of an `MLmodel` file (YAML, as MLflow writes it), parsed with MLflow's own
+    `mlflow.types.Schema`. Pure; a file that is no MLmodel, or a signature MLflow cannot read, is
+    UNREADABLE (never an exception)."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return signature_read("UNREADABLE", f"its MLmodel file is not YAML ({str(e).splitlines()[0][:120]})")
+    if not isinstance(document, dict):
+        return signature_read("UNREADABLE", "its MLmodel file is not an MLmodel (no YAML mapping)")
+    signature = document.get("signature")
+    if not isinstance(signature, dict) or not (signature.get("inputs") or signature.get("outputs")):
+        return signature_read("ABSENT", "its model was logged without a signature")
+    try:
+        parsed: Signature = {"inputs": _schema(signature.get("inputs")), "outputs": _schema(signature.get("outputs"))}
+    except Exception as e:  # MLflow's parser of a schema written by another MLflow: any error means unreadable
+        return signature_read("UNREADABLE", f"its signature cannot be read ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0][:120] if str(e) else ''})")
+    return signature_read("PRESENT", None, parsed)
+
+
+def with_features(model: RegisteredModel, signatures: Iterable[tuple[str, Signature | None]]) -> RegisteredModel:
+    """The model's state with `features`: the named inputs of its versions' signatures (`(version,
+    signature)` of every live version), one per name, as the highest version that has it gives it,
+    in name order. Pure."""
+    features: dict[str, SignatureColumn] = {}
+    for _, signature in sorted(signatures, key=lambda vs: int(vs[0]) if vs[0].isdigit() else 0):
+        for column in (signature or {}).get("inputs", []):  # type: ignore[union-attr]
+            if column["name"]:
+                features[column["name"]] = column
+    return {**model, "features": [features[name] for name in sorted(features)]}
+
+
 def model_version_state(
-    version: MlflowModelVersion, aliases: Iterable[str], run: RunSummary | None
+    version: MlflowModelVersion, aliases: Iterable[str], run: RunSummary | None,
+    signature: SignatureRead = NOT_READ,
 ) -> ModelVersion:
     """A model version's state. MLflow's version search leaves `aliases` empty, so the caller passes
-    the aliases from the registered model; `run` is the producing run's summary, if it exists."""
+    the aliases from the registered model; `run` is the producing run's summary, if it exists;
+    `signature` what reading its logged model's signature found (connector/mlflow/signatures.py)."""
     return {
         "name": version.name,
         "version": str(version.version),
@@ -143,6 +222,7 @@ def model_version_state(
         "tags": _tags(version.tags),
         "aliases": sorted(set(aliases) | set(version.aliases or [])),
         "run": run,
+        **signature,
     }
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Run as MlflowRun
 from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
@@ -40,6 +40,7 @@ from connector.contract.events import (
     registered_model_key,
 )
 from connector.mlflow.entities import (
+    NOT_READ,
     aliases_by_version,
     experiment_state,
     logged_model_state,
@@ -47,8 +48,13 @@ from connector.mlflow.entities import (
     registered_model_state,
     run_state,
     run_summary,
+    with_features,
 )
 from connector.mlflow.reader import MlflowReader
+
+if TYPE_CHECKING:
+    from connector.mlflow.entities import SignatureRead
+    from connector.mlflow.signatures import Signatures
 
 OVERLAP_MS = 5000
 CLOCK_SKEW_MS = 3600 * 1000  # how far behind the producer's clock a client's clock may be
@@ -99,8 +105,13 @@ _WATERMARK_OF: dict[str, tuple[str, str]] = {
 
 
 def version_own_fingerprint(state: ModelVersion) -> str:
-    """Fingerprint of a version's own MLflow fields, without what it draws from its model and run."""
-    return fingerprint({**state, "aliases": [], "run": None})
+    """Fingerprint of a version's own MLflow fields, without what it draws from its model and run, and
+    without its signature (read separately, once: connector/mlflow/signatures.py)."""
+    own = {k: v for k, v in state.items() if k not in SIGNATURE_FIELDS}
+    return fingerprint({**own, "aliases": [], "run": None})
+
+
+SIGNATURE_FIELDS = ("signature_status", "signature_reason", "signature")
 
 
 @dataclass
@@ -113,6 +124,7 @@ class Known:
     run_of_version: dict[tuple[str, str], str] = field(default_factory=dict)
     versions_by_model: dict[str, set[str]] = field(default_factory=dict)
     active_runs: set[str] = field(default_factory=set)
+    signatures: dict[str, SignatureRead] = field(default_factory=dict)  # version key -> its signature's read
 
     def changed(self, kind: EntityKind, entity: Entity) -> bool:
         return self.fingerprints.get(entity_key(kind, entity)) != fingerprint(entity)
@@ -127,6 +139,8 @@ class Known:
         elif kind == "MODEL_VERSION":
             out["own"] = version_own_fingerprint(entity)  # type: ignore[arg-type]
             out["run_id"] = entity["run_id"]  # type: ignore[typeddict-item]
+            if entity.get("signature_status") is not None:  # read once per version ever: kept for restarts
+                out["sig"] = {k: entity.get(k) for k in SIGNATURE_FIELDS}
         elif kind == "EXPERIMENT":
             out["name"] = entity["name"]  # type: ignore[typeddict-item]
         return out
@@ -156,13 +170,25 @@ class Known:
             if summary is None:
                 _discard(self.versions_by_model, name, version)
                 self.version_own.pop(key, None)
+                self.signatures.pop(key, None)
                 return
             self.version_own[key] = summary["own"]
+            if summary.get("sig"):
+                self.signatures[key] = summary["sig"]
+            else:
+                self.signatures.pop(key, None)
             self.versions_by_model.setdefault(name, set()).add(version)
             run_id = summary.get("run_id")
             if run_id:
                 self.versions_by_run.setdefault(run_id, set()).add((name, version))
                 self.run_of_version[(name, version)] = run_id
+
+    def signature_of(self, name: str, version: str) -> SignatureRead:
+        return self.signatures.get(model_version_key(name, version), NOT_READ)
+
+    def model_signatures(self, name: str) -> dict[str, Any]:
+        """version -> signature (or None) of every published version of a registered model."""
+        return {v: self.signature_of(name, v)["signature"] for v in self.versions_by_model.get(name, ())}
 
     def refs_of_run(self, run_id: str) -> list[ModelVersionRef]:
         return [{"name": n, "version": v} for n, v in sorted(self.versions_by_run.get(run_id, ()))]
@@ -211,7 +237,8 @@ def _max(values: Iterable[int | None]) -> int | None:
 
 
 def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_ms: int = OVERLAP_MS,
-                 now_ms: int | None = None, clock_skew_ms: int = CLOCK_SKEW_MS) -> ChangeSet:
+                 now_ms: int | None = None, clock_skew_ms: int = CLOCK_SKEW_MS,
+                 signatures: Signatures | None = None) -> ChangeSet:
     """What changed since the watermarks. `now_ms` is the producer's clock: a run's `start_time` comes
     from the clock of whoever logged it, so the runs watermark never passes the producer's own clock,
     and runs are looked for down to `clock_skew_ms` before it (a run logged by a client whose clock is
@@ -243,7 +270,8 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
                                                           first_page=_first_page(marks.model_versions)),
                                     since(marks.model_versions), "last_updated_timestamp")
     model_states = {m.name: registered_model_state(m) for m in models}
-    changed_models = [n for n, st in model_states.items() if known.changed("REGISTERED_MODEL", st)]
+    changed_models = [n for n, st in model_states.items()
+                      if known.changed("REGISTERED_MODEL", with_features(st, known.model_signatures(n).items()))]
     versions: dict[tuple[str, str], MlflowModelVersion] = {
         (v.name, str(v.version)): v for v in listed_versions
         if known.version_own.get(model_version_key(v.name, str(v.version)))
@@ -271,7 +299,8 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
     if changed_experiments and marks.experiments is not None:
         for page in reader.runs(changed_experiments):
             runs.update((r.info.run_id, r) for r in page)
-    assemble(reader, known, names, model_states, versions, runs, out, extra_runs=known.active_runs)
+    assemble(reader, known, names, model_states, versions, runs, out, extra_runs=known.active_runs,
+             signatures=signatures)
 
     # MLflow 3 LoggedModels, newest first down to the watermark.
     logged = _newest_first(reader.logged_models(ids, newest_first=True, first_page=_first_page(marks.logged_models)),
@@ -293,11 +322,14 @@ def read_changes(reader: MlflowReader, marks: Watermarks, known: Known, overlap_
 
 def assemble(reader: MlflowReader, known: Known, names: dict[str, str], model_states: dict[str, RegisteredModel],
               versions: dict[tuple[str, str], MlflowModelVersion], runs: dict[str, MlflowRun], out: ChangeSet,
-              extra_runs: Iterable[str] = (), changed: Callable[[EntityKind, Entity], bool] | None = None) -> None:
+              extra_runs: Iterable[str] = (), changed: Callable[[EntityKind, Entity], bool] | None = None,
+              signatures: Signatures | None = None) -> None:
     """Join runs and versions into self-contained states: fetch the runs that versions come from
     (and `extra_runs`, and the runs of versions deleted in `out`), the versions that runs produced,
     and append every state to `out`. A run's state is appended when `changed` says so (by default,
-    when it differs from what `known` holds); versions always are."""
+    when it differs from what `known` holds); versions always are, with their signatures (read by
+    `signatures` when never read before; without it, as `known` holds them), and so are the models of
+    `model_states` and of the versions, with the features of their live versions' signatures."""
     changed = changed or known.changed
     ids = list(names)
     deleted = {model_version_of_key(k) for k in out.deleted_keys if k.startswith("model_version:")}
@@ -329,12 +361,32 @@ def assemble(reader: MlflowReader, known: Known, names: dict[str, str], model_st
             for m in page:
                 model_states[m.name] = registered_model_state(m)
     aliases = {name: aliases_by_version(state) for name, state in model_states.items()}
+    if signatures is not None:
+        signatures.prefetch(versions.values())
+    read: dict[tuple[str, str], SignatureRead] = {}
     for (name, version), v in sorted(versions.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
         run = summaries.get(v.run_id) if v.run_id else None
-        out.entities.append(("MODEL_VERSION", model_version_state(v, aliases.get(name, {}).get(version, []), run)))
+        read[(name, version)] = signatures.of(v) if signatures is not None else known.signature_of(name, version)
+        out.entities.append(("MODEL_VERSION", model_version_state(v, aliases.get(name, {}).get(version, []), run,
+                                                                  read[(name, version)])))
+    # A model carries the features of its live versions' signatures: what `known` holds, with what was
+    # read here (the producer publishes the model only if that changed it).
+    with_them: dict[str, RegisteredModel] = {}
+    for name, state in model_states.items():
+        live = {v: s for v, s in known.model_signatures(name).items() if (name, v) not in deleted}
+        live.update({v: r["signature"] for (n, v), r in read.items() if n == name})
+        with_them[name] = with_features(state, live.items())
+    listed = {entity["name"]: i for i, (kind, entity) in enumerate(out.entities)  # type: ignore[typeddict-item]
+              if kind == "REGISTERED_MODEL"}
+    for name, state in with_them.items():
+        if name in listed:
+            out.entities[listed[name]] = ("REGISTERED_MODEL", state)
+        else:
+            out.entities.append(("REGISTERED_MODEL", state))
 
 
-def read_model(reader: MlflowReader, known: Known, names: dict[str, str], model_name: str) -> ChangeSet:
+def read_model(reader: MlflowReader, known: Known, names: dict[str, str], model_name: str,
+               signatures: Signatures | None = None) -> ChangeSet:
     """A targeted read of one registered model, its versions and the runs they came from (a webhook
     says something changed there). A model or version that is gone yields its DELETE."""
     out = ChangeSet()
@@ -348,5 +400,5 @@ def read_model(reader: MlflowReader, known: Known, names: dict[str, str], model_
         out.deleted_keys.append(registered_model_key(model_name))
     for state in model_states.values():
         out.entities.append(("REGISTERED_MODEL", state))
-    assemble(reader, known, names, model_states, versions, {}, out)
+    assemble(reader, known, names, model_states, versions, {}, out, signatures=signatures)
     return out

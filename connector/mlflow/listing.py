@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 
-from connector.contract.events import Entity, EntityKind, ModelVersionRef, RegisteredModel, RunSummary
+from connector.contract.events import Entity, EntityKind, ModelVersionRef, RegisteredModel, RunSummary, Signature
 from connector.mlflow.entities import (
     aliases_by_version,
     experiment_state,
@@ -24,9 +24,14 @@ from connector.mlflow.entities import (
     registered_model_state,
     run_state,
     run_summary,
+    with_features,
 )
 from connector.mlflow.reader import MlflowReader, MlflowUnavailable
 from connector.redaction import without_credentials
+
+if TYPE_CHECKING:
+    from connector.mlflow.entities import SignatureRead
+    from connector.mlflow.signatures import Signatures
 
 log = logging.getLogger("connector.listing")
 
@@ -106,15 +111,23 @@ def _read_registry_once(reader: MlflowReader) -> RegistryIndex:
     return index
 
 
+def _read_of(read: dict[tuple[str, str], SignatureRead], version: MlflowModelVersion) -> list[SignatureRead]:
+    found = read.get((version.name, str(version.version)))
+    return [found] if found is not None else []
+
+
 class Totals(Protocol):
     """Told how many objects of a kind MLflow has, once the listing knows (progress displays)."""
 
     def total(self, kind: str, count: int) -> None: ...
 
 
-def full_listing(reader: MlflowReader, totals: Totals | None = None) -> Iterator[tuple[EntityKind, Entity]]:
+def full_listing(reader: MlflowReader, totals: Totals | None = None,
+                 signatures: Signatures | None = None) -> Iterator[tuple[EntityKind, Entity]]:
     """Every entity of MLflow, in dependency order. Raises MlflowUnavailable if a read fails:
-    a listing that did not run to its end is never mistaken for a complete one."""
+    a listing that did not run to its end is never mistaken for a complete one. With `signatures`,
+    versions carry their signatures (read once per version ever) and models the features of their
+    versions' signatures; without, neither does."""
     experiments = [e for page in reader.experiments() for e in page]
     if totals is not None:
         totals.total("EXPERIMENT", len(experiments))
@@ -126,8 +139,15 @@ def full_listing(reader: MlflowReader, totals: Totals | None = None) -> Iterator
     if totals is not None:
         totals.total("REGISTERED_MODEL", len(index.models))
         totals.total("MODEL_VERSION", len(index.versions))
+    read: dict[tuple[str, str], SignatureRead] = {}
+    by_model: dict[str, list[tuple[str, Signature | None]]] = {}
+    if signatures is not None:
+        signatures.prefetch(index.versions)
+        for v in index.versions:
+            found = read[(v.name, str(v.version))] = signatures.of(v)
+            by_model.setdefault(v.name, []).append((str(v.version), found["signature"]))
     for model in index.models.values():
-        yield "REGISTERED_MODEL", model
+        yield "REGISTERED_MODEL", with_features(model, by_model.get(model["name"], []))
     emitted_versions: set[tuple[str, str]] = set()
     # The first page small, so that the first events are on their way (and the consumer at work)
     # while MLflow still searches; each next page requested while this one is worked on.
@@ -138,7 +158,8 @@ def full_listing(reader: MlflowReader, totals: Totals | None = None) -> Iterator
             yield "RUN", state
             for version in index.by_run.get(run.info.run_id, []):
                 emitted_versions.add((version.name, str(version.version)))
-                yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run_summary(state))
+                yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run_summary(state),
+                                                           *_read_of(read, version))
     # Versions whose run was not among the listed runs: without a run, or with a run elsewhere.
     orphans = [v for v in index.versions if (v.name, str(v.version)) not in emitted_versions]
     summaries: dict[str, RunSummary] = {}
@@ -148,7 +169,7 @@ def full_listing(reader: MlflowReader, totals: Totals | None = None) -> Iterator
             summaries[run.info.run_id] = run_summary(run_state(run, "", []))
     for version in orphans:
         run = summaries.get(version.run_id) if version.run_id else None
-        yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run)
+        yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run, *_read_of(read, version))
     for page in reader.logged_models(list(experiment_names)):
         for model in page:
             yield "LOGGED_MODEL", logged_model_state(model)

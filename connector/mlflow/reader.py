@@ -37,7 +37,7 @@ from urllib.parse import quote_plus, urlsplit
 import requests
 from mlflow.entities import Experiment, LoggedModel, Run, ViewType
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
-from mlflow.exceptions import MlflowException, RestException
+from mlflow.exceptions import MlflowException, RestException, get_error_code
 from mlflow.protos.databricks_pb2 import ErrorCode
 from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
 from mlflow.store.tracking.rest_store import RestStore as TrackingRestStore
@@ -145,6 +145,17 @@ class RateLimiter:
             self._next = max(now, self._next) + self._interval
         if delay > 0:
             time.sleep(delay)
+
+
+class ArtifactUnreadable(Exception):
+    """A model version's artifact that MLflow will not serve, now or on a retry: no such file, no
+    permission, a registry that is not an MLflow server over HTTP (Databricks), another HTTP 4xx."""
+
+
+# A model version's artifact is read with bounded retries: a server that keeps failing it must not hold up a
+# snapshot (the version is published without its signature, and read again at the next snapshot).
+ARTIFACT_RETRY_SECONDS = 3.0
+MODEL_VERSION_ARTIFACT_ENDPOINT = "/model-versions/get-artifact"
 
 
 class AuthenticationFailed(OperatorError):
@@ -647,6 +658,49 @@ class MlflowReader:
         """Every model version registered from these runs, a page at a time."""
         return self._by_values("search_model_versions", lambda f: self.model_versions(filter_string=f),
                                "run_id", run_ids, lambda v: v.run_id or "")
+
+    def model_version_file(self, name: str, version: str, path: str = "MLmodel") -> str:
+        """One file of a model version's artifacts, as text: MLflow's own `/model-versions/get-artifact`
+        route (the one its UI uses), which resolves the version's source on the server whatever it is
+        (`models:/m-...` LoggedModels of MLflow 3, `runs:/...`, a path in the artifact store), on 2.x and
+        3.x servers alike. One GET with this reader's credentials for the registry, paced and retried
+        like every request (for ARTIFACT_RETRY_SECONDS at most: MlflowUnavailable after them);
+        ArtifactUnreadable when MLflow refuses or lacks it (HTTP 401, 403, 404, another 4xx) or the
+        registry is not an MLflow server over HTTP."""
+        uri = self.settings.registry_uri
+        if urlsplit(uri).scheme not in ("http", "https"):
+            raise ArtifactUnreadable(f"the registry {without_credentials(uri)} is not an MLflow server over HTTP: "
+                                     "its artifacts are not read")
+        creds = host_credentials(uri, self.settings)
+        params = {"name": name, "version": version, "path": path}
+        last: list[int] = []  # the status of each answer
+
+        def fetch() -> requests.Response:
+            response = rest_utils.http_request(creds, MODEL_VERSION_ARTIFACT_ENDPOINT, "GET", params=params,
+                                               max_retries=0, raise_on_status=False)
+            status = response.status_code
+            last.append(status)
+            if status >= 500 or status in TRANSIENT_STATUSES:  # retried by `call`, as any request
+                raise MlflowException(f"HTTP {status}", error_code=get_error_code(status))
+            return response
+
+        try:
+            with self.retrying_for(ARTIFACT_RETRY_SECONDS):
+                response = self.call("model version artifact", fetch)
+        except MlflowUnavailable:
+            if last and last[-1] == 500:
+                # MLflow's own error page for an artifact store it cannot read for this version (a bucket without
+                # credentials, a scheme it has no client for): the answer of every retry, not an outage.
+                raise ArtifactUnreadable(f"MLflow at {without_credentials(uri)} answered HTTP 500 to each of "
+                                         f"{len(last)} requests for {path} (its artifact store cannot serve this "
+                                         "version's source)") from None
+            raise
+        if response.status_code != 200:
+            reasons = {401: "refused the credentials", 403: "refused access", 404: "has no such file"}
+            raise ArtifactUnreadable(f"MLflow at {without_credentials(uri)} "
+                                     f"{reasons.get(response.status_code, 'refused the request')} "
+                                     f"(HTTP {response.status_code} for {path})")
+        return response.content.decode("utf-8", errors="replace")
 
     def registered_models(self, filter_string: str | None = None, order_by: list[str] | None = None,
                           first_page: int | None = None) -> Iterator[list[RegisteredModel]]:

@@ -48,6 +48,10 @@ class ConnectorMetrics:
                                              "role.", ["change"], registry=r)
         self.assigned_partitions = Gauge(f"{PREFIX}_assigned_partition", "1 for each change-topic partition this "
                                          "instance's consumer holds.", ["partition"], registry=r)
+        self.signature_warnings = Counter(f"{PREFIX}_signature_warnings",
+                                          "Model versions published without features: their signature is absent, "
+                                          "unreadable or unavailable (read once per version).", ["reason"],
+                                          registry=r)
         self.skipped_objects = Counter(f"{PREFIX}_skipped_objects",
                                        "MLflow objects skipped after failing again and again.", registry=r)
         # Consumer (Debezium: MilliSecondsBehindSource, MilliSecondsSinceLastEvent; Connect: DLQ metrics)

@@ -38,6 +38,7 @@ from connector.mlflow.incremental import ChangeSet, Known, Watermarks, read_chan
 from connector.mlflow.listing import full_listing
 from connector.mlflow.reader import READ_FAILURES, AuthenticationFailed, MlflowReader, MlflowUnavailable, failure
 from connector.mlflow.scope import Scope
+from connector.mlflow.signatures import Signatures
 from connector.observability.http import HEARTBEATS
 from connector.observability.metrics import METRICS
 from connector.observability.progress import SnapshotProgress
@@ -83,6 +84,8 @@ class SnapshotSummary:
     deletes: int = 0
     end_offsets: dict[int, int] = field(default_factory=dict)
     reason: str | None = None
+    # Model versions read (for the first time) without features, by what reading the signature found.
+    signature_warnings: dict[str, int] = field(default_factory=dict)
 
 
 class ChangeProducer:
@@ -106,6 +109,8 @@ class ChangeProducer:
         self.position = Position(partitions=self.partitions)
         self.known = Known()
         self.published = self.known.fingerprints  # key -> fingerprint of the last published state
+        # Read once per model version ever (kept in `known`).
+        self.signatures = Signatures(reader, self.known, enabled=cfg.producer.read_signatures)
         self.experiment_names: dict[str, str] = {}
         self.refresh_requests: queue.Queue[str] = queue.Queue()  # registered model names (webhooks)
         self.skipped_objects = 0  # targeted reads given up after failing again and again (for metrics)
@@ -306,6 +311,8 @@ class ChangeProducer:
                      replace(self.position, snapshot_seq=seq, partitions=self.partitions, running_snapshot=snapshot_id))
         log.info("snapshot %s started", snapshot_id)
         self._unpublished.clear()
+        self.signatures.begin()
+        warnings_before = dict(self.signatures.warnings)
         progress = SnapshotProgress(snapshot_id, live=self.live_progress)
         self.live_progress = False  # a live display for the first snapshot only; later ones log their progress
         seen: set[str] = set()
@@ -318,7 +325,7 @@ class ChangeProducer:
             batch.clear()
 
         try:
-            with closing(read_ahead(full_listing(self.reader, progress))) as listing:
+            with closing(read_ahead(full_listing(self.reader, progress, self.signatures))) as listing:
                 for item in listing:
                     HEARTBEATS.beat("producer")
                     if stop is not None and stop.is_set():
@@ -354,6 +361,8 @@ class ChangeProducer:
             deletes = self._deletes(seen, snapshot_id, summary)
             if not summary.complete:
                 marks = Watermarks()  # nothing is taken from a listing that the fail-safe refused
+        summary.signature_warnings = {k: n - warnings_before.get(k, 0) for k, n in self.signatures.warnings.items()
+                                      if n > warnings_before.get(k, 0)}
         total = sum(summary.entities.values())
         final = batch + deletes + self._markers("SNAPSHOT_END", snapshot_id, now_ms(), summary.complete, total)
         watermarks = Watermarks.from_dict(self.position.watermarks)
@@ -369,14 +378,18 @@ class ChangeProducer:
                             watermarks.to_dict(), self.partitions, None,
                             {"id": snapshot_id, "complete": summary.complete, "ended_ms": ended,
                              "seconds": round((ended - started) / 1000, 3), "entities": dict(summary.entities),
-                             "deletes": summary.deletes, "reason": summary.reason}, known_summaries=True)
+                             "deletes": summary.deletes, "reason": summary.reason,
+                             "signature_warnings": summary.signature_warnings}, known_summaries=True)
         self._commit(final, position)
         METRICS.snapshot_ended(summary.complete, (ended - started) / 1000)
         summary.events += len(batch) + len(deletes)
         summary.end_offsets = dict(self._end_offsets)
-        log.info("snapshot %s %s: %d entities (%s), %d deletes", snapshot_id,
+        log.info("snapshot %s %s: %d entities (%s), %d deletes%s", snapshot_id,
                  "complete" if summary.complete else "INCOMPLETE", total,
-                 ", ".join(f"{v} {k.lower()}" for k, v in summary.entities.items()), summary.deletes)
+                 ", ".join(f"{v} {k.lower()}" for k, v in summary.entities.items()), summary.deletes,
+                 "; model versions without features: " + ", ".join(
+                     f"{n} {k.lower()}" for k, n in sorted(summary.signature_warnings.items()))
+                 if summary.signature_warnings else "")
         return summary
 
     def _deletes(self, seen: set[str], snapshot_id: str, summary: SnapshotSummary
@@ -456,8 +469,10 @@ class ChangeProducer:
         marks = Watermarks.from_dict(self.position.watermarks)
         settings = self.cfg.producer
         skew_due = time.monotonic() - self._last_skew_read >= settings.clock_skew_check_seconds
+        self.signatures.begin()
         changes = read_changes(self.reader, marks, self.known, int(settings.watermark_overlap_seconds * 1000),
-                               now_ms(), int(settings.max_clock_skew_seconds * 1000) if skew_due else 0)
+                               now_ms(), int(settings.max_clock_skew_seconds * 1000) if skew_due else 0,
+                               self.signatures)
         if skew_due:
             self._last_skew_read = time.monotonic()
         position = replace(self.position, watermarks=marks.advanced(changes.watermarks).to_dict(),
@@ -468,7 +483,7 @@ class ChangeProducer:
         """Targeted reads of registered models a webhook named; published like any change."""
         changes = ChangeSet()
         for name in sorted(set(names)):
-            one = read_model(self.reader, self.known, self.experiment_names, name)
+            one = read_model(self.reader, self.known, self.experiment_names, name, self.signatures)
             changes.entities += one.entities
             changes.deleted_keys += one.deleted_keys
         return self._publish(changes, None)
@@ -577,7 +592,7 @@ class ChangeProducer:
         `skipped_objects` (the next complete snapshot reads it again)."""
         try:
             with self.reader.retrying_for(TARGETED_READ_RETRY_SECONDS):
-                changes = read_model(self.reader, self.known, self.experiment_names, name)
+                changes = read_model(self.reader, self.known, self.experiment_names, name, self.signatures)
             self._read_failures.pop(name, None)
             return changes
         except READ_FAILURES as e:

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from connector.config import ConnectorConfig
-from connector.datahub.decisions import SNAPSHOT_KEY, Entry
+from connector.datahub.decisions import FEATURE_URN_PREFIX, SNAPSHOT_KEY, Entry
 from connector.kafka.clients import KafkaConnection
 from connector.kafka.reading import consumer_lag, read_committed
 from connector.pipeline.position import Position, position_key, producer_id, role_key
@@ -137,8 +137,8 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
             entries.pop((msg.partition(), urn), None)
         else:
             entries[(msg.partition(), urn)] = Entry.from_json(msg.value())
-    for entry in entries.values():
-        if entry.owner:
+    for (_, urn), entry in entries.items():
+        if entry.owner and not urn.startswith(FEATURE_URN_PREFIX):  # MLflow objects (a model's features aside)
             known += not entry.removed
             removed += entry.removed
 

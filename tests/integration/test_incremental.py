@@ -75,7 +75,9 @@ def test_each_cycle_publishes_what_changed(client: MlflowClient, producer_and_to
     calls_before = dict(producer.reader.requests_by_call)
     assert producer.cycle() == 0
     idle_requests = producer.reader.requests - before
-    idle_calls = {k: v - calls_before.get(k, 0) for k, v in producer.reader.requests_by_call.items()}
+    idle_calls = {k: v - calls_before.get(k, 0) for k, v in producer.reader.requests_by_call.items()
+                  if v != calls_before.get(k, 0)}
+    # (no "model version artifact": the versions' signatures were read by the snapshot, once)
     assert idle_calls == {"search_experiments": 1, "search_registered_models": 1, "search_model_versions": 1,
                           "search_runs": 1, "search_logged_models": 1}, idle_calls
     assert idle_requests == 5

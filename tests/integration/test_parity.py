@@ -349,6 +349,15 @@ def _creator_resource(f: Facts, urn: str, aspect: str, value: Aspect) -> bool:
         else aspect == "platformResourceInfo" and value["resourceType"] == "user" and value["primaryKey"] in users)
 
 
+def _training_data(f: Facts, urn: str, aspect: str, value: Aspect) -> bool:
+    """Beyond the original: a version with a run names the datasets the run consumed (the demo's runs
+    have one dataset input or none; the exact URNs are tested in tests/integration/test_signatures.py)."""
+    runs = [r for r in f.runs.values() if urn in r.versions]
+    return (aspect == "mlModelTrainingData" and len(runs) == 1
+            and len(value["trainingData"]) == runs[0].dataset_inputs
+            and all(d["dataset"].startswith("urn:li:dataset:") for d in value["trainingData"]))
+
+
 EXTRAS: tuple[Extra, ...] = (
     Extra("deleted-experiments", "a deleted experiment's container, status removed=true "
           "(the original lists active experiments only)", _deleted_experiment),
@@ -361,6 +370,8 @@ EXTRAS: tuple[Extra, ...] = (
     Extra(None, "empty input edges of a run without dataset inputs "
           "(so that a removed input's edge disappears; the original writes no aspect)", _empty_inputs),
     Extra("version-creator", "the user resource a version's creator points at", _creator_resource),
+    Extra(None, "a version's training data: the datasets of its run's dataProcessInstanceInput "
+          "(beyond the original, which leaves mlModelTrainingData empty)", _training_data),
 )
 
 

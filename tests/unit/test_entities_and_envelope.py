@@ -142,6 +142,7 @@ def test_run_summary_is_what_versions_need() -> None:
         "run_id": "r9",
         "params": state["params"],
         "metrics": state["metrics"],
+        "dataset_inputs": state["dataset_inputs"],  # v3: what the version was trained on
     }
 
 
@@ -160,6 +161,7 @@ def test_registered_model_state_carries_every_field() -> None:
         "tags": [{"key": "domain", "value": "demo"}],
         "aliases": [{"alias": "champion", "version": "4"}, {"alias": "prod", "version": "4"}],
         "latest_versions": [{"version": "3", "stage": "Archived"}, {"version": "4", "stage": "Production"}],
+        "features": [],  # joined by the producer from its versions' signatures (with_features)
     }
 
 
@@ -193,6 +195,10 @@ def test_model_version_state_carries_every_field() -> None:
         # the registered model's aliases of this version, with any the version itself carries
         "aliases": ["champion", "own"],
         "run": summary,
+        # not read (connector/mlflow/signatures.py reads them)
+        "signature_status": None,
+        "signature_reason": None,
+        "signature": None,
     }
 
 

@@ -1,0 +1,157 @@
+"""Beyond the original: a model version's features (its logged model's signature) and its training data,
+on real MLflow servers (3.x: LoggedModels, `models:/m-...` sources; 2.x: `runs:/.../model` sources),
+through the real broker and registry: `mlflow-datahub snapshot`, `dump`, and DataHub's own
+`datahub check metadata-file` on the dump. Signatures are read once per version ever: an unchanged
+cycle, and a snapshot after a restart, make no artifact request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from connector.config import ConnectorConfig
+from connector.datahub.mapping import MappingSettings, feature_urn, model_urn, run_urn
+from connector.devstack.mlflow_server import MlflowServer, MlflowVersionMissing, mlflow2_python, run_with
+from connector.kafka.topics import ensure_topics
+from connector.mlflow.reader import MlflowReader, reader_settings
+from connector.pipeline.producer import ChangeProducer
+from tests.conftest import ConfigFactory, run_cli
+from tests.signature_content import BARE_MODEL, IRIS, MODEL
+
+SETTINGS = MappingSettings()
+ARTIFACT_CALL = "model version artifact"
+
+
+def _populate(python: str | Path, uri: str) -> dict[str, Any]:
+    return json.loads(run_with(python, "tests.signature_content.populate", uri).strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def mlflow3(own_mlflow: MlflowServer) -> tuple[MlflowServer, dict[str, Any]]:
+    return own_mlflow, _populate(sys.executable, own_mlflow.uri)
+
+
+@pytest.fixture(scope="module")
+def mlflow2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MlflowServer, dict[str, Any]]]:
+    try:
+        python = mlflow2_python()
+    except MlflowVersionMissing as e:  # a skipped compatibility test would hide the check: fail
+        pytest.fail(str(e), pytrace=False)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow2-signatures"), python=python).start()
+    try:
+        yield server, _populate(python, server.uri)
+    finally:
+        server.stop()
+
+
+def _snapshot_and_dump(config: Path, out: Path) -> tuple[list[dict[str, Any]], str]:
+    result = run_cli("snapshot", "-c", str(config))
+    assert result.returncode == 0, f"snapshot failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    dumped = run_cli("dump", "-c", str(config), "--out", str(out))
+    assert dumped.returncode == 0, f"dump failed:\n{dumped.stdout[-3000:]}\n{dumped.stderr[-3000:]}"
+    # DataHub's own check of a metadata file: every MCP of the dump, the features' included
+    datahub = Path(sys.executable).parent / "datahub"
+    check = subprocess.run([str(datahub), "check", "metadata-file", str(out)], capture_output=True, text=True,
+                           timeout=300, env={"DATAHUB_TELEMETRY_ENABLED": "false", "PATH": str(datahub.parent)})
+    assert check.returncode == 0, f"datahub check metadata-file refused the dump:\n{check.stdout[-3000:]}\n" \
+                                  f"{check.stderr[-3000:]}"
+    return json.loads(out.read_text()), result.stdout + result.stderr
+
+
+def _latest(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(URN, aspect) -> the last value on the MCP topic (DataHub upserts)."""
+    return {(r["entityUrn"], r["aspectName"]): r["aspect"]["json"] for r in records}
+
+
+def _check_features(records: list[dict[str, Any]], runs: dict[str, str]) -> None:
+    found = _latest(records)
+    v1, v2 = model_urn(MODEL, "1", SETTINGS), model_urn(MODEL, "2", SETTINGS)
+    v1_features = [feature_urn(MODEL, c, SETTINGS) for c in IRIS]
+    v2_features = [feature_urn(MODEL, c, SETTINGS) for c in [*IRIS[:3], "colour, name", "count"]]
+    # the versions list exactly their signature's inputs, in the signature's order
+    assert found[(v1, "mlModelProperties")]["mlFeatures"] == v1_features
+    assert found[(v2, "mlModelProperties")]["mlFeatures"] == v2_features
+    outputs = json.loads(found[(v1, "mlModelProperties")]["customProperties"]["mlflow.signature.outputs"])
+    assert outputs == [{"name": "species", "type": "long", "kind": "column", "optional": False}], outputs
+    # one mlFeature per input of any live version, with its type
+    features = {r["entityUrn"] for r in records if r["entityType"] == "mlFeature"}
+    assert features == set(v1_features) | set(v2_features)
+    types = {urn: found[(urn, "mlFeatureProperties")]["dataType"] for urn in features}
+    assert types[feature_urn(MODEL, IRIS[0], SETTINGS)] == "CONTINUOUS"
+    assert types[feature_urn(MODEL, "colour, name", SETTINGS)] == "TEXT"
+    assert types[feature_urn(MODEL, "count", SETTINGS)] == "COUNT"
+    assert found[(feature_urn(MODEL, "count", SETTINGS), "mlFeatureProperties")]["customProperties"][
+        "mlflow.type"] == "long"
+    assert all(found[(urn, "status")] == {"removed": False} for urn in features)
+    # training data: the datasets of the run's dataProcessInstanceInput, and the run as training job
+    for version, urn in (("1", v1), ("2", v2)):
+        run = run_urn(runs[version])
+        inputs = [e["destinationUrn"] for e in found[(run, "dataProcessInstanceInput")]["inputEdges"]]
+        assert len(inputs) == 1 and f"iris frame {version}" in inputs[0], inputs
+        assert [d["dataset"] for d in found[(urn, "mlModelTrainingData")]["trainingData"]] == inputs
+        assert found[(urn, "mlModelProperties")]["trainingJobs"] == [run]
+    # a version whose source has no artifacts: everything as before, no features
+    bare = found[(model_urn(BARE_MODEL, "1", SETTINGS), "mlModelProperties")]
+    assert "mlFeatures" not in bare and bare["trainingJobs"], bare
+    assert found[(model_urn(BARE_MODEL, "1", SETTINGS), "mlModelTrainingData")] == {"trainingData": []}
+
+
+def test_features_and_training_data_on_mlflow_3(mlflow3: tuple[MlflowServer, dict[str, Any]],
+                                                make_config: ConfigFactory, tmp_path: Path) -> None:
+    server, content = mlflow3
+    assert content["mlflow"].startswith("3."), content
+    sources = {v.version: v.source for v in MlflowClient(server.uri, server.uri).search_model_versions(
+        f"name = '{MODEL}'")}
+    assert all(s.startswith("models:/m-") for s in sources.values()), sources  # LoggedModels
+    config, cfg = make_config(server.uri)
+    records, output = _snapshot_and_dump(config, tmp_path / "dump.json")
+    _check_features(records, content["runs"])
+    assert f"model {BARE_MODEL!r} version 1: no features (signature unreadable" in output, output[-3000:]
+
+    # Reading signatures again: not in an unchanged cycle, not after a restart
+    producer = ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
+    try:
+        assert len(producer.known.signatures) == 3  # restored from the producer-offsets topic
+        producer.cycle()
+        summary = producer.snapshot()
+        assert summary.complete, summary.reason
+        producer.cycle()
+        assert producer.reader.requests_by_call[ARTIFACT_CALL] == 0, producer.reader.requests_by_call
+        assert summary.signature_warnings == {}, summary.signature_warnings
+    finally:
+        producer.close()
+
+    # Version 2 is deleted: its features that no live version lists are soft-deleted, the others stay
+    MlflowClient(server.uri, server.uri).delete_model_version(MODEL, "2")
+    records, _ = _snapshot_and_dump(config, tmp_path / "after-delete.json")
+    found = _latest(records)
+    for column in ("colour, name", "count"):
+        assert found[(feature_urn(MODEL, column, SETTINGS), "status")] == {"removed": True}, column
+    for column in IRIS:
+        assert found[(feature_urn(MODEL, column, SETTINGS), "status")] == {"removed": False}, column
+    assert found[(model_urn(MODEL, "2", SETTINGS), "status")] == {"removed": True}
+
+
+def test_features_and_training_data_on_mlflow_2(mlflow2: tuple[MlflowServer, dict[str, Any]],
+                                                make_config: ConfigFactory, tmp_path: Path) -> None:
+    server, content = mlflow2
+    assert content["mlflow"].startswith("2."), content
+    config, cfg = make_config(server.uri)
+    _check_sources_are_runs_uris(cfg, content)
+    records, output = _snapshot_and_dump(config, tmp_path / "dump.json")
+    _check_features(records, content["runs"])
+    assert f"model {BARE_MODEL!r} version 1: no features (signature unreadable" in output, output[-3000:]
+
+
+def _check_sources_are_runs_uris(cfg: ConnectorConfig, content: dict[str, Any]) -> None:
+    ensure_topics(cfg)
+    reader = MlflowReader(reader_settings(cfg))
+    sources = {v.version: v.source for page in reader.model_versions_of([MODEL]) for v in page}
+    assert sources == {n: f"runs:/{run_id}/model" for n, run_id in content["runs"].items()}, sources
