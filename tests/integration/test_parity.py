@@ -351,7 +351,7 @@ def _creator_resource(f: Facts, urn: str, aspect: str, value: Aspect) -> bool:
 
 def _training_data(f: Facts, urn: str, aspect: str, value: Aspect) -> bool:
     """Beyond the original: a version with a run names the datasets the run consumed (the demo's runs
-    have one dataset input or none; the exact URNs are tested in tests/integration/test_signatures.py)."""
+    have one dataset input or none; the exact URNs are tested in tests/integration/test_signatures_end_to_end.py)."""
     runs = [r for r in f.runs.values() if urn in r.versions]
     return (aspect == "mlModelTrainingData" and len(runs) == 1
             and len(value["trainingData"]) == runs[0].dataset_inputs
