@@ -14,7 +14,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,45 @@ def final_state(cfg: ConnectorConfig) -> tuple[dict[tuple[str, str], str], Count
     return last, duplicates
 
 
+@dataclass
+class Convergence:
+    """A crashed pipeline's MCP topic against a clean run's of the same MLflow state."""
+
+    actual: dict[tuple[str, str], str]
+    duplicates: Counter  # repeats of an unchanged value beyond those of the clean run
+    repeated: int
+
+    def check(self, expected: dict[tuple[str, str], str]) -> None:
+        extra = {k for k in self.actual if k not in expected}
+        # Entities the clean run never saw can only be soft-deleted ones; everything it saw is identical.
+        assert all(json.loads(self.actual[k]) == {"removed": True} or k[1] != "status" for k in extra)
+        assert self.repeated <= 0, f"{self.repeated} duplicate MCPs: {self.duplicates.most_common(5)}"
+
+
+def converge_to_clean_run(mlflow_uri: str, make_config: ConfigFactory, cfg: ConnectorConfig,
+                          alive: Callable[[], bool], what: str, seconds: float = 150
+                          ) -> tuple[Convergence, dict[tuple[str, str], str]]:
+    """A clean snapshot of MLflow as it is now; then waits until `cfg`'s MCP topic holds the same last value
+    of every (URN, aspect), while `alive()` (the crashed pipeline's processes still run)."""
+    clean_path, clean_cfg = make_config(mlflow_uri, name="clean.yml")
+    result = run_cli("snapshot", "-c", str(clean_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, clean_duplicates = final_state(clean_cfg)
+    deadline = time.monotonic() + seconds
+    while True:
+        assert alive(), f"a restarted process died: {what}"
+        actual, duplicates = final_state(cfg)
+        missing = {k for k in expected if k not in actual}
+        wrong = {k for k in expected if k in actual and actual[k] != expected[k]}
+        if not missing and not wrong:
+            repeated = sum(duplicates.values()) - sum(clean_duplicates.values())
+            return Convergence(actual, duplicates, repeated), expected
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {len(missing)} (URN, aspect) missing, e.g. {sorted(missing)[:3]}; {len(wrong)} "
+                        f"differ, e.g. {sorted(wrong)[:3]}")
+        time.sleep(3)
+
+
 @pytest.mark.slow
 def test_sigkill_producer_and_consumer_during_snapshot_and_changes(
         own_mlflow: MlflowServer, make_config: ConfigFactory, tmp_path: Path) -> None:
@@ -154,38 +195,19 @@ def test_sigkill_producer_and_consumer_during_snapshot_and_changes(
         changer.join(60)
         assert kills["producer"] + kills["consumer"] >= 20, kills
 
-        # A clean run of the same, final MLflow state.
-        clean_path, clean_cfg = make_config(own_mlflow.uri, name="clean.yml")
-        result = run_cli("snapshot", "-c", str(clean_path))
-        assert result.returncode == 0, result.stderr[-3000:]
-        expected, clean_duplicates = final_state(clean_cfg)
-
-        # The crashed pipeline converges to it: incremental cycles catch the last live changes, and a
-        # complete snapshot (every 25 s) any edit that moves no timestamp.
-        deadline = time.monotonic() + 150
-        while True:
-            assert producer.alive() and consumer.alive(), "a restarted process died: see logs in " + str(tmp_path)
-            actual, duplicates = final_state(cfg)
-            missing = {k for k in expected if k not in actual}
-            wrong = {k for k in expected if k in actual and actual[k] != expected[k]}
-            if not missing and not wrong:
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"after {sum(kills.values())} kills: {len(missing)} (URN, aspect) missing, e.g. "
-                            f"{sorted(missing)[:3]}; {len(wrong)} differ, e.g. {sorted(wrong)[:3]}")
-            time.sleep(3)
+        # A clean run of the same, final MLflow state. The crashed pipeline converges to it: incremental
+        # cycles catch the last live changes, and a complete snapshot (every 25 s) any edit that moves no timestamp.
+        outcome, expected = converge_to_clean_run(
+            own_mlflow.uri, make_config, cfg, lambda: producer.alive() and consumer.alive(),
+            f"after {sum(kills.values())} kills (logs in {tmp_path})")
     finally:
         stop_changes.set()
         for process in (producer, consumer):
             if process.alive():
                 process.stop()
 
-    extra = {k for k in actual if k not in expected}
-    # Entities the clean run never saw can only be soft-deleted ones; everything it saw is identical.
-    assert all(json.loads(actual[k]) == {"removed": True} or k[1] != "status" for k in extra)
-    repeated = sum(duplicates.values()) - sum(clean_duplicates.values())
+    repeated = outcome.repeated
     print(f"\ncrash test: {kills['producer']} producer and {kills['consumer']} consumer SIGKILLs, live changes "
-          f"{dict(made)}; {len(actual)} (URN, aspect) pairs match a clean run; duplicate MCPs: {max(repeated, 0)} "
-          f"(beyond the {sum(clean_duplicates.values())} that a clean run also writes: one per partition for "
-          f"shared URNs)")
-    assert repeated <= 0, f"{repeated} duplicate MCPs: {duplicates.most_common(5)}"
+          f"{dict(made)}; {len(outcome.actual)} (URN, aspect) pairs match a clean run; duplicate MCPs: "
+          f"{max(repeated, 0)} (beyond those a clean run also writes: one per partition for shared URNs)")
+    outcome.check(expected)

@@ -25,7 +25,7 @@ from connector.devstack.mlflow_server import MlflowServer, free_port
 from connector.pipeline.dump import as_wrapper, read_mcps
 from connector.pipeline.status import read_status
 from tests.conftest import ConfigFactory, Kafka, read_to_end, run_cli
-from tests.integration.test_crash import Process, _fill, _live_changes, final_state
+from tests.integration.test_crash import Process, _fill, _live_changes, converge_to_clean_run
 from tests.integration.test_operations import _get, _metrics
 from tests.integration.test_webhooks import SECRET, _body, _headers, _send
 
@@ -134,23 +134,9 @@ def test_three_instances_take_over_through_kills_and_a_rolling_restart(
         changer.join(60)
         handovers = sum(_log(p).count("producer role: handed over") for p in processes.values())
 
-        # A clean run of the same, final MLflow state.
-        clean_path, clean_cfg = make_config(own_mlflow.uri, name="clean.yml")
-        result = run_cli("snapshot", "-c", str(clean_path))
-        assert result.returncode == 0, result.stderr[-3000:]
-        expected, clean_duplicates = final_state(clean_cfg)
-        deadline = time.monotonic() + 150
-        while True:
-            assert all(p.alive() for p in processes.values()), f"an instance died: see logs in {tmp_path}"
-            actual, duplicates = final_state(cfg)
-            missing = {k for k in expected if k not in actual}
-            wrong = {k for k in expected if k in actual and actual[k] != expected[k]}
-            if not missing and not wrong:
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"{len(missing)} (URN, aspect) missing, e.g. {sorted(missing)[:3]}; {len(wrong)} differ, "
-                            f"e.g. {sorted(wrong)[:3]}")
-            time.sleep(3)
+        outcome, expected = converge_to_clean_run(own_mlflow.uri, make_config, cfg,
+                                                  lambda: all(p.alive() for p in processes.values()),
+                                                  f"replicas (logs in {tmp_path})")
         status = read_status(cfg)
     finally:
         stop_changes.set()
@@ -158,13 +144,11 @@ def test_three_instances_take_over_through_kills_and_a_rolling_restart(
             if process.alive():
                 process.stop()
 
-    extra = {k for k in actual if k not in expected}
-    assert all(json.loads(actual[k]) == {"removed": True} or k[1] != "status" for k in extra)
-    repeated = sum(duplicates.values()) - sum(clean_duplicates.values())
     print(f"\nreplicas: takeovers after SIGKILL, kill -> MCP of a change written at the kill: "
           f"{', '.join(f'{t:.1f} s' for t in takeovers)}; {handovers} handovers in the rolling restart; live changes "
-          f"{dict(made)}; {len(actual)} (URN, aspect) pairs match a clean run; duplicate MCPs: {max(repeated, 0)}")
-    assert repeated <= 0, f"{repeated} duplicate MCPs: {duplicates.most_common(5)}"
+          f"{dict(made)}; {len(outcome.actual)} (URN, aspect) pairs match a clean run; duplicate MCPs: "
+          f"{max(outcome.repeated, 0)}")
+    outcome.check(expected)
     assert max(takeovers) <= TAKEOVER_LIMIT_SECONDS, takeovers
     assert handovers >= 1  # the holder was among the restarted: it handed the role over
     assert status.producer_role is not None and status.producer_role["holder"] in processes
