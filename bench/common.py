@@ -243,13 +243,17 @@ def caught_up(connection: KafkaConnection, topic: str, group: str) -> bool:
 
 
 def wait_snapshot_consumed(connection: KafkaConnection, child: Child, data: dict[str, Any], timeout: float) -> float:
-    """Wait until the child's first snapshot is published and consumed; returns when (epoch)."""
+    """Wait until the child's first snapshot is published and consumed, and the features pass after it (the
+    signatures it met unread) too; returns when (epoch)."""
     deadline = time.monotonic() + timeout
     k = data["kafka"]
     while time.monotonic() < deadline:
         if not child.alive():
             raise RuntimeError(f"{child.proc.args[3]} exited early:\n{tail(child.stderr())}")
-        if log_time(child.stderr(), r"snapshot \S+ complete") is not None and \
+        log = child.stderr()
+        features_due = log_time(log, r"snapshot \S+ complete: .*signatures to read after it") is not None
+        if log_time(log, r"snapshot \S+ complete") is not None and \
+                (not features_due or log_time(log, r"features: \d+ model versions read in") is not None) and \
                 caught_up(connection, k["topics"]["changes"], k["consumer_group"]):
             return time.time()
         time.sleep(0.5)

@@ -1,6 +1,8 @@
-"""(c) `mlflow-datahub snapshot` with fresh topics, until its last MCP is acknowledged: wall time
-(median of --repeat-snapshot rounds), its start-up/producer/consumer split, the MLflow requests,
-the CPU of the command and of the MLflow server; --profile adds a cProfile of another snapshot."""
+"""(c) `mlflow-datahub snapshot` with fresh topics, until the last MCP of its snapshot is acknowledged:
+wall time (median of --repeat-snapshot rounds) against the same command without reading signatures
+(the peer, measured in the same run), its start-up/producer/consumer split, the MLflow requests, the
+CPU of the command and of the MLflow server; then the features pass the command makes after the
+snapshot (the signatures read once ever); --profile adds a cProfile of another snapshot."""
 
 from __future__ import annotations
 
@@ -15,15 +17,18 @@ from bench.processes import Child, Finished, _process_tree, connector_cli, log_t
 from bench.processes import _vm_hwm_mb as _hwm
 from bench.scale_fixture import REPO
 
+ARTIFACT_ENDPOINT = "GET /model-versions/get-artifact"  # a signature's read, as endpoint_counts names it
 
-def part_c(b: Bench) -> None:
-    say("(c) connector: `mlflow-datahub snapshot` with fresh topics, until the last MCP is acknowledged")
-    # Each round on topics of its own, like a first snapshot; the median round is reported (as (b)).
-    rounds: list[tuple[Child, Finished, float, float, float | None]] = []
+
+def _rounds(b: Bench, name: str, extra: dict | None = None
+            ) -> list[tuple[Child, Finished, float, float, float | None]]:
+    """--repeat-snapshot rounds of `mlflow-datahub snapshot`, each on topics of its own (a first snapshot):
+    (the command, how it finished, the MLflow server's CPU, the machine's busy CPU, the stack's CPU)."""
+    rounds = []
     for i in range(b.args.repeat_snapshot):
-        path, data = b.config(f"snapshot-{i + 1}")
+        path, data = b.config(f"{name}-{i + 1}", extra=extra)
         cpu0, busy0, stack0 = b.server_cpu_seconds(), b.machine_busy_seconds(), b.stack_cpu_seconds()
-        child = Child(connector_cli("snapshot", "-c", path), b.workdir / f"snapshot-{i + 1}")
+        child = Child(connector_cli("snapshot", "-c", path), b.workdir / f"{name}-{i + 1}")
         fin = child.wait(b.args.timeout)
         busy = b.machine_busy_seconds() - busy0
         stack1 = b.stack_cpu_seconds()
@@ -33,11 +38,41 @@ def part_c(b: Bench) -> None:
         if fin.rc != 0:
             raise RuntimeError(f"snapshot failed ({fin.rc}):\n{tail(fin.stderr)}\n{tail(fin.stdout)}")
         rounds.append((child, fin, server_cpu, busy, stack_cpu))
-    walls = [r[1].wall for r in rounds]
-    child, fin, server_cpu, busy, stack_cpu = sorted(rounds, key=lambda r: r[1].wall)[len(rounds) // 2]
+    return rounds
+
+
+def snapshot_seconds(child: Child, fin: Finished) -> float:
+    """The command's start until every MCP of its snapshot was acknowledged (its log line), before the
+    features pass that reads the signatures the snapshot met unread; the whole command without one."""
+    acknowledged = log_time(fin.stderr, r"snapshot \S+: every MCP of it acknowledged")
+    return fin.wall if acknowledged is None else acknowledged - child.started
+
+
+def _median(rounds: list[tuple[Child, Finished, float, float, float | None]]
+            ) -> tuple[Child, Finished, float, float, float | None]:
+    return sorted(rounds, key=lambda r: snapshot_seconds(r[0], r[1]))[len(rounds) // 2]
+
+
+def part_c(b: Bench) -> None:
+    say("(c) connector: `mlflow-datahub snapshot` with fresh topics, until the last MCP of the snapshot is "
+        "acknowledged; then its features pass")
+    # Each round on topics of its own, like a first snapshot; the median round is reported (as (b)).
+    rounds = _rounds(b, "snapshot")
+    walls = [snapshot_seconds(r[0], r[1]) for r in rounds]
+    child, fin, server_cpu, busy, stack_cpu = _median(rounds)
+    # The peer, in the same run: the same command without reading signatures (`producer.read_signatures: false`,
+    # the connector before features): what a snapshot cost before issue 19.
+    peer_rounds = _rounds(b, "snapshot-without-signatures", {"producer": {"read_signatures": False}})
+    peer_walls = [snapshot_seconds(r[0], r[1]) for r in peer_rounds]
+    peer_child, peer_fin, *_ = _median(peer_rounds)
+    peer = snapshot_seconds(peer_child, peer_fin)
+    snapshot = snapshot_seconds(child, fin)
+    features = re.search(r"features: signatures of (\d+) of (\d+) model versions read after it, in ([\d.]+) s",
+                         fin.stdout)
     cores = len(os.sched_getaffinity(0))
     end = child.started + fin.wall
     requests = b.requests(child.started, end + 0.5)
+    snapshot_requests = b.requests(child.started, child.started + snapshot)
     mcps = int(re.search(r"MCPs acknowledged on \S+: (\d+)", fin.stdout).group(1))  # type: ignore[union-attr]
     events = int(re.search(r"events: (\d+)", fin.stdout).group(1))  # type: ignore[union-attr]
     own = float(re.search(r"seconds: ([\d.]+)", fin.stdout).group(1))  # type: ignore[union-attr]
@@ -45,7 +80,8 @@ def part_c(b: Bench) -> None:
     published = log_time(fin.stderr, r"snapshot \S+ (complete|INCOMPLETE)")
     split: dict[str, float] = {}
     if begun and published:
-        split = {"startup": begun - child.started, "producer": published - begun, "consumer": end - published}
+        split = {"startup": begun - child.started, "producer": published - begun,
+                 "consumer": child.started + snapshot - published}
     # Python start-up and imports alone, for scale.
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-c",
@@ -60,16 +96,25 @@ def part_c(b: Bench) -> None:
         (c for pid, c in child.cpu.items() if pid != child.proc.pid), reverse=True)
     server_mb = sum(v for v in (_hwm(p) for p in _process_tree(b.server.process.pid)) if v)  # type: ignore[union-attr]
     figures = {"processes_mb": processes_mb, "processes_cpu_seconds": processes_cpu, "server_peak_mb": server_mb,
-               "seconds": fin.wall, "rounds_seconds": walls, "own_seconds": own, "split": split, "mcps": mcps,
-               "events": events,
+               "seconds": snapshot, "rounds_seconds": walls, "command_seconds": fin.wall, "own_seconds": own,
+               "without_signatures_seconds": peer, "without_signatures_rounds_seconds": peer_walls,
+               "features_versions": int(features.group(1)) if features else 0,
+               "features_seconds": float(features.group(3)) if features else None,
+               "split": split, "mcps": mcps, "events": events, "snapshot_requests": len(snapshot_requests),
+               "snapshot_artifact_requests": endpoint_counts(snapshot_requests).get(ARTIFACT_ENDPOINT, 0),
                "requests": len(requests), "request_endpoints": endpoint_counts(requests),
                "maxrss_mb": fin.maxrss_mb, "cpu_seconds": fin.cpu_seconds, "server_cpu_seconds": server_cpu,
                "machine_busy_seconds": busy, "cores": cores, "stack_cpu_seconds": stack_cpu,
                "python_imports_seconds": imports}
     b.record("c", figures)
-    say(f"    {fin.wall:.2f} s wall (median of {len(walls)}: {', '.join(f'{w:.2f}' for w in walls)}; "
-        f"{own:.1f} s by its own clock), {events} change events -> {mcps} MCPs, "
-        f"{len(requests)} MLflow requests, CPU {fin.cpu_seconds:.1f} s (MLflow's server meanwhile "
+    say(f"    the snapshot: {snapshot:.2f} s wall (median of {len(walls)}: {', '.join(f'{w:.2f}' for w in walls)}), "
+        f"{len(snapshot_requests)} MLflow requests; without reading signatures (the peer, same run): {peer:.2f} s "
+        f"(median of {len(peer_walls)}: {', '.join(f'{w:.2f}' for w in peer_walls)}): {snapshot / peer:.2f}x")
+    if features:
+        say(f"    then its features pass: the signatures of {features.group(1)} model versions, read once ever, in "
+            f"{float(features.group(3)):.2f} s; the whole command {fin.wall:.2f} s")
+    say(f"    the whole command: {fin.wall:.2f} s wall ({own:.1f} s by its own clock), {events} change events -> "
+        f"{mcps} MCPs, {len(requests)} MLflow requests, CPU {fin.cpu_seconds:.1f} s (MLflow's server meanwhile "
         f"{server_cpu:.1f} s), peak RSS {fin.maxrss_mb:.0f} MB")
     say(f"    the machine meanwhile: {busy:.1f} s of CPU busy of {cores} x {fin.wall:.1f} s = "
         f"{busy / (cores * fin.wall):.0%}: the command {fin.cpu_seconds:.1f} s, MLflow's server {server_cpu:.1f} s, "

@@ -28,6 +28,14 @@ def summary(b: Bench) -> None:
         say(f"[{verdict(ratio <= limit)}] (c)/(b){latency} = {c['seconds']:.2f} / {bb['process_wall_seconds']:.2f} s"
             f" = {ratio:.2f}x, both as commands (target <= {limit:g}x at {b.shape.name}); against the floor's "
             f"reading alone, in-process ({bb['seconds']:.2f} s): {c['seconds'] / bb['seconds']:.2f}x")
+    if c and c.get("without_signatures_seconds"):
+        ratio = c["seconds"] / c["without_signatures_seconds"]
+        ok = ratio <= 1.10 and c.get("snapshot_artifact_requests") == 0
+        features = (f"; then its features pass read {c['features_versions']} signatures (once ever) in "
+                    f"{c['features_seconds']:.2f} s" if c.get("features_seconds") is not None else "")
+        say(f"[{verdict(ok)}] (c) snapshot / the same without reading signatures = {c['seconds']:.2f} / "
+            f"{c['without_signatures_seconds']:.2f} s = {ratio:.2f}x, {c.get('snapshot_artifact_requests')} artifact "
+            f"requests in the snapshot (target <= 1.10x, issue 19){features}")
     if a and c:
         ratio = a["seconds"] / c["seconds"]
         floor = ""
@@ -76,6 +84,9 @@ def summary(b: Bench) -> None:
             say(f"[{verdict(None)}] (e) requests per idle cycle: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in sorted(others.items()))
                 + " (run the other scale too: results are kept in .cache/bench/)")
+    if e:
+        artifacts = e["per_cycle_endpoints"].get("GET /model-versions/get-artifact", 0)
+        say(f"[{verdict(artifacts == 0)}] (e) artifact requests per idle cycle: {artifacts:g} (target 0, issue 19)")
     if f:
         ratio = f["ratio_ours_vs_datahub_serialisation"]
         say(f"[{verdict(ratio >= 1.5)}] (f) ours / DataHub serialisation = {ratio:.2f} (target >= 1.5); "

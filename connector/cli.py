@@ -260,11 +260,19 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     print(f"  entities: {sum(summary.entities.values())} "
           f"({', '.join(f'{n} {k.lower()}' for k, n in summary.entities.items())})")
     print(f"  events: {summary.events} (deletes: {summary.deletes})")
+    features = result.features
+    if features is not None:
+        print(f"  features: signatures of {features.read} of {features.versions} model versions read after it, in "
+              f"{features.seconds():.1f} s"
+              + (f" (without features: {', '.join(f'{n} {k.lower()}' for k, n in sorted(features.warnings.items()))})"
+                 if features.warnings else "")
+              + (f"; not read: {features.reason}" if features.reason else ""))
     print(f"  MCPs acknowledged on {cfg.kafka.topics.mcp}: {sum(stats.mcps.values())} "
           f"(unchanged aspects skipped: {stats.unchanged}, soft deletes: {stats.soft_deletes})")
     for aspect, count in sorted(stats.mcps.items()):
         print(f"    {aspect:32} {count}")
-    print(f"  seconds: {time.monotonic() - started:.1f}")
+    print(f"  seconds: {time.monotonic() - started:.1f}"
+          + (f" (the snapshot {result.snapshot_seconds:.1f}, then its features pass)" if features is not None else ""))
     if not summary.complete:
         raise CommandFailed(f"snapshot incomplete: {summary.reason}")
     return 0

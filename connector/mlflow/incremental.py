@@ -389,15 +389,25 @@ def read_model(reader: MlflowReader, known: Known, names: dict[str, str], model_
                signatures: Signatures | None = None) -> ChangeSet:
     """A targeted read of one registered model, its versions and the runs they came from (a webhook
     says something changed there). A model or version that is gone yields its DELETE."""
+    return read_models(reader, known, names, [model_name], signatures)
+
+
+def read_models(reader: MlflowReader, known: Known, names: dict[str, str], model_names: Iterable[str],
+                signatures: Signatures | None = None) -> ChangeSet:
+    """A targeted read of registered models, their versions and the runs those came from, a few
+    requests for all of them (and, with `signatures`, one artifact request per version never read).
+    A model or version that is gone yields its DELETE."""
+    wanted = sorted(set(model_names))
     out = ChangeSet()
     model_states = {m.name: registered_model_state(m)
-                    for page in reader.registered_models_named([model_name]) for m in page}
-    versions = {(v.name, str(v.version)): v for page in reader.model_versions_of([model_name]) for v in page}
-    present = {version for _, version in versions}
-    for gone in sorted(known.versions_by_model.get(model_name, set()) - present):
-        out.deleted_keys.append(model_version_key(model_name, gone))
-    if model_name not in model_states:
-        out.deleted_keys.append(registered_model_key(model_name))
+                    for page in reader.registered_models_named(wanted) for m in page}
+    versions = {(v.name, str(v.version)): v for page in reader.model_versions_of(wanted) for v in page}
+    for model_name in wanted:
+        present = {version for name, version in versions if name == model_name}
+        for gone in sorted(known.versions_by_model.get(model_name, set()) - present):
+            out.deleted_keys.append(model_version_key(model_name, gone))
+        if model_name not in model_states:
+            out.deleted_keys.append(registered_model_key(model_name))
     for state in model_states.values():
         out.entities.append(("REGISTERED_MODEL", state))
     assemble(reader, known, names, model_states, versions, {}, out, signatures=signatures)

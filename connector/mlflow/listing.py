@@ -126,8 +126,9 @@ def full_listing(reader: MlflowReader, totals: Totals | None = None,
                  signatures: Signatures | None = None) -> Iterator[tuple[EntityKind, Entity]]:
     """Every entity of MLflow, in dependency order. Raises MlflowUnavailable if a read fails:
     a listing that did not run to its end is never mistaken for a complete one. With `signatures`,
-    versions carry their signatures (read once per version ever) and models the features of their
-    versions' signatures; without, neither does."""
+    versions carry what was read of their signatures before and models the features of those (the
+    listing reads no artifact: versions met unread are read after it, see connector/mlflow/signatures.py);
+    without, neither does."""
     experiments = [e for page in reader.experiments() for e in page]
     if totals is not None:
         totals.total("EXPERIMENT", len(experiments))
@@ -142,9 +143,8 @@ def full_listing(reader: MlflowReader, totals: Totals | None = None,
     read: dict[tuple[str, str], SignatureRead] = {}
     by_model: dict[str, list[tuple[str, Signature | None]]] = {}
     if signatures is not None:
-        signatures.prefetch(index.versions)
         for v in index.versions:
-            found = read[(v.name, str(v.version))] = signatures.of(v)
+            found = read[(v.name, str(v.version))] = signatures.known(v)
             by_model.setdefault(v.name, []).append((str(v.version), found["signature"]))
     for model in index.models.values():
         yield "REGISTERED_MODEL", with_features(model, by_model.get(model["name"], []))

@@ -3,10 +3,15 @@
 A model version is immutable in MLflow (its source, and so its logged model, never change), so what
 reading its signature found is kept in the version's summary (`Known.signatures`, restored from the
 producer-offsets topic on start-up): later snapshots and cycles, and restarts, make no artifact
-request for it. Only UNAVAILABLE (MLflow did not answer) is read again, the next time the version
-is read (a snapshot, or a change of the version). ABSENT (no signature) and UNREADABLE (no
-permission, no such file, a registry MLflow's artifact route cannot serve) are final; each is a
-warning, once per version, counted in `warnings` and the metric `mlflow_datahub_signature_warnings`.
+request for it. Only UNAVAILABLE (MLflow did not answer) is read again, after the next snapshot or
+start-up. ABSENT (no signature) and UNREADABLE (no permission, no such file, a registry MLflow's
+artifact route cannot serve) are final; each is a warning, once per version, counted in `warnings`
+and the metric `mlflow_datahub_signature_warnings`.
+
+A complete snapshot reads no artifact (`known`): it publishes what was read before, and the versions
+it met unread are read after it, a registered model at a time (`unread_models`, the producer's
+features pass), so that a first snapshot, or one after a bulk import, is not held up by an artifact
+request per version. Cycles and targeted reads read a new version's signature at once (`of`).
 """
 
 from __future__ import annotations
@@ -38,24 +43,44 @@ class Signatures:
 
     def __init__(self, reader: MlflowReader, known: Known, enabled: bool = True) -> None:
         self.reader = reader
-        self.known = known
+        self.known_reads = known
         self.enabled = enabled
         self.requests = 0  # artifact requests made (the bench and the tests count them)
         self.warnings: Counter[str] = Counter()  # status -> versions read without features
         self._read: dict[str, SignatureRead] = {}  # read by this process, not yet in `Known` (not committed)
-        self._logged = 0  # warning lines of this pass
+        self.lines_logged = 0  # warning lines of this pass (a cycle's, a snapshot's, or a features pass's)
 
     def begin(self) -> None:
         """A new snapshot or cycle: what was read is in `Known` by now (or is read again)."""
         self._read.clear()
-        self._logged = 0
+        self.lines_logged = 0
 
     def cached(self, name: str, version: str) -> SignatureRead | None:
         key = model_version_key(name, version)
-        found = self._read.get(key) or self.known.signatures.get(key)
+        found = self._read.get(key) or self.known_reads.signatures.get(key)
         if found is None or found["signature_status"] in (None, "UNAVAILABLE"):
             return None
         return found
+
+    def known(self, version: MlflowModelVersion) -> SignatureRead:
+        """What was read of the version's signature before (UNAVAILABLE included), without reading it:
+        NOT_READ when it never was."""
+        if not self.enabled:
+            return NOT_READ
+        key = model_version_key(version.name, str(version.version))
+        return self._read.get(key) or self.known_reads.signatures.get(key) or NOT_READ
+
+    def unread_models(self) -> dict[str, int]:
+        """Registered model name -> how many of its published versions have a signature never read (or not
+        read for want of an answer), in name order: what the features pass reads."""
+        if not self.enabled:
+            return {}
+        unread: dict[str, int] = {}
+        for name, versions in sorted(self.known_reads.versions_by_model.items()):
+            count = sum(1 for v in versions if self.cached(name, v) is None)
+            if count:
+                unread[name] = count
+        return unread
 
     def of(self, version: MlflowModelVersion) -> SignatureRead:
         """The version's signature, read if it never was (or MLflow did not answer last time)."""
@@ -94,12 +119,12 @@ class Signatures:
         if status != "PRESENT":
             self.warnings[str(status)] += 1
             METRICS.signature_warnings.labels(str(status).lower()).inc()
-            self._logged += 1
-            if self._logged <= LOGGED_PER_PASS:
+            self.lines_logged += 1
+            if self.lines_logged <= LOGGED_PER_PASS:
                 log.warning("model %r version %s: no features (signature %s: %s)%s", name, version,
                             str(status).lower(), found["signature_reason"],
-                            "; read again at the next snapshot" if status == "UNAVAILABLE" else "")
-            if self._logged == LOGGED_PER_PASS:
+                            "; read again after the next snapshot" if status == "UNAVAILABLE" else "")
+            if self.lines_logged == LOGGED_PER_PASS:
                 log.warning("further model versions without features are counted, not logged one by one, until "
-                            "the next snapshot or cycle (mlflow_datahub_signature_warnings_total)")
+                            "the next pass (mlflow_datahub_signature_warnings_total)")
         return found

@@ -52,6 +52,8 @@ class ConnectorMetrics:
                                           "Model versions published without features: their signature is absent, "
                                           "unreadable or unavailable (read once per version).", ["reason"],
                                           registry=r)
+        self.signatures_unread = Gauge(f"{PREFIX}_signatures_unread", "Model versions whose signature the "
+                                       "features pass (after a snapshot or start-up) has yet to read.", registry=r)
         self.skipped_objects = Counter(f"{PREFIX}_skipped_objects",
                                        "MLflow objects skipped after failing again and again.", registry=r)
         # Consumer (Debezium: MilliSecondsBehindSource, MilliSecondsSinceLastEvent; Connect: DLQ metrics)

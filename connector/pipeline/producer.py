@@ -7,6 +7,10 @@ need), in the same compacted producer-offsets topic: on start-up the producer re
 and the summaries, not the change topic's history, so an unchanged entity is never published again,
 except by a complete snapshot, which re-reads everything (Debezium's READ events) between a
 SNAPSHOT_BEGIN and a SNAPSHOT_END marker written to every partition.
+
+A snapshot reads no model version's artifacts: the versions it met with a signature never read are
+read after it by the features pass (`FeaturesPass`), a few registered models at a time, between the
+cycles of `run` (or at the end of the `snapshot` command), and published again with their features.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -34,7 +39,7 @@ from connector.kafka.reading import read_committed
 from connector.kafka.topics import CHANGE_EVENT_MAX_BYTES, partition_count
 from connector.kafka.transactions import TransactionalWriter
 from connector.mlflow.confirm import confirm_gone
-from connector.mlflow.incremental import ChangeSet, Known, Watermarks, read_changes, read_model
+from connector.mlflow.incremental import ChangeSet, Known, Watermarks, read_changes, read_model, read_models
 from connector.mlflow.listing import full_listing
 from connector.mlflow.reader import READ_FAILURES, AuthenticationFailed, MlflowReader, MlflowUnavailable, failure
 from connector.mlflow.scope import Scope
@@ -65,6 +70,10 @@ BACKOFF_MAX_SECONDS = 60.0
 CYCLE_RETRY_SECONDS = 60.0
 TARGETED_READ_RETRY_SECONDS = 10.0  # each request of a targeted read: retried this long, then the read waits
 TARGETED_READ_ATTEMPTS = 3  # failed targeted reads of one model (MLflow answering others) before it is skipped
+# Model versions whose signature one step of the features pass reads (an artifact request each: under a second of
+# MLflow's time at ~25 ms a request): between two steps, `run` serves webhooks and keeps its cycles on time.
+FEATURE_READS_PER_STEP = 25
+FEATURES_PROGRESS_SECONDS = 10.0  # a progress line of a long features pass at most this often
 
 
 def now_ms() -> int:
@@ -84,8 +93,33 @@ class SnapshotSummary:
     deletes: int = 0
     end_offsets: dict[int, int] = field(default_factory=dict)
     reason: str | None = None
-    # Model versions read (for the first time) without features, by what reading the signature found.
-    signature_warnings: dict[str, int] = field(default_factory=dict)
+    # Model versions met with a signature never read: the features pass after the snapshot reads them.
+    signatures_unread: int = 0
+
+
+@dataclass
+class FeaturesPass:
+    """The model versions found with a signature never read (by a snapshot, which reads none, or at
+    start-up), by registered model: read after it, a step at a time, and published with their features."""
+
+    due: dict[str, int]  # registered model name -> its versions to read
+    after: str  # what found them: "snapshot <id>" or "start-up"
+    versions: int = 0  # to read, when it was made
+    read: int = 0  # read so far
+    started: float | None = None  # monotonic, at its first step
+    logged: float = 0.0  # monotonic, its last progress line
+    failures: int = 0  # steps failed in a row
+    next_at: float = 0.0  # monotonic: no step before (a backoff after a failure)
+    warnings: Counter[str] = field(default_factory=Counter)  # read without features, by status
+    lines_logged: int = 0  # warning lines of versions without features
+    reason: str | None = None  # why it ended before all were read (the `snapshot` command)
+
+    @property
+    def remaining(self) -> int:
+        return sum(self.due.values())
+
+    def seconds(self) -> float:
+        return 0.0 if self.started is None else time.monotonic() - self.started
 
 
 class ChangeProducer:
@@ -119,6 +153,8 @@ class ChangeProducer:
         self.scope = Scope.of(cfg)
         self.live_progress: bool | None = None  # a live display of the first snapshot: None = on a terminal
         self._end_offsets: dict[int, int] = {}
+        self.written_offsets: dict[int, int] = {}  # partition -> offset of the last change event acknowledged
+        self.features: FeaturesPass | None = None  # signatures read after a snapshot (or start-up)
         self._unpublished: set[str] = set()  # keys whose latest event could not be published
         self._last_skew_read = float("-inf")  # when a cycle last looked back max_clock_skew_seconds
         # Webhook requests read from Kafka by the holder of the producer role (connector.pipeline.producer_role):
@@ -128,6 +164,7 @@ class ChangeProducer:
         self.requests_offset: int | None = None
         self._restore()
         self.requests_offset: int | None = self.position.requests_offset
+        self._plan_features("start-up")  # what an earlier process (or holder of the role) had not read yet
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -234,8 +271,10 @@ class ChangeProducer:
     # -- writing ---------------------------------------------------------------------------------
 
     def _on_delivery(self, error: KafkaError | None, msg: Message) -> None:
-        if error is None and msg.key() == SNAPSHOT_MARKER_KEY.encode():
-            self._end_offsets[msg.partition()] = msg.offset()
+        if error is None:
+            self.written_offsets[msg.partition()] = max(msg.offset(), self.written_offsets.get(msg.partition(), -1))
+            if msg.key() == SNAPSHOT_MARKER_KEY.encode():
+                self._end_offsets[msg.partition()] = msg.offset()
 
     def _send(self, event: ChangeEvent, partition: int | None = None) -> bool:
         """Queue the event (fitted to the topic's size); False when it cannot be published at all."""
@@ -312,7 +351,6 @@ class ChangeProducer:
         log.info("snapshot %s started", snapshot_id)
         self._unpublished.clear()
         self.signatures.begin()
-        warnings_before = dict(self.signatures.warnings)
         progress = SnapshotProgress(snapshot_id, live=self.live_progress)
         self.live_progress = False  # a live display for the first snapshot only; later ones log their progress
         seen: set[str] = set()
@@ -361,8 +399,6 @@ class ChangeProducer:
             deletes = self._deletes(seen, snapshot_id, summary)
             if not summary.complete:
                 marks = Watermarks()  # nothing is taken from a listing that the fail-safe refused
-        summary.signature_warnings = {k: n - warnings_before.get(k, 0) for k, n in self.signatures.warnings.items()
-                                      if n > warnings_before.get(k, 0)}
         total = sum(summary.entities.values())
         final = batch + deletes + self._markers("SNAPSHOT_END", snapshot_id, now_ms(), summary.complete, total)
         watermarks = Watermarks.from_dict(self.position.watermarks)
@@ -378,19 +414,102 @@ class ChangeProducer:
                             watermarks.to_dict(), self.partitions, None,
                             {"id": snapshot_id, "complete": summary.complete, "ended_ms": ended,
                              "seconds": round((ended - started) / 1000, 3), "entities": dict(summary.entities),
-                             "deletes": summary.deletes, "reason": summary.reason,
-                             "signature_warnings": summary.signature_warnings}, known_summaries=True)
+                             "deletes": summary.deletes, "reason": summary.reason}, known_summaries=True)
         self._commit(final, position)
         METRICS.snapshot_ended(summary.complete, (ended - started) / 1000)
         summary.events += len(batch) + len(deletes)
         summary.end_offsets = dict(self._end_offsets)
+        self._plan_features(f"snapshot {snapshot_id}")
+        summary.signatures_unread = self.features.remaining if self.features is not None else 0
         log.info("snapshot %s %s: %d entities (%s), %d deletes%s", snapshot_id,
                  "complete" if summary.complete else "INCOMPLETE", total,
                  ", ".join(f"{v} {k.lower()}" for k, v in summary.entities.items()), summary.deletes,
-                 "; model versions without features: " + ", ".join(
-                     f"{n} {k.lower()}" for k, n in sorted(summary.signature_warnings.items()))
-                 if summary.signature_warnings else "")
+                 f"; {summary.signatures_unread} model versions' signatures to read after it"
+                 if summary.signatures_unread else "")
         return summary
+
+    # -- the features pass: signatures a snapshot met unread ---------------------------------------
+
+    def _plan_features(self, after: str) -> None:
+        """The features pass: the registered models with published versions whose signature was never
+        read (or not for want of an answer); each is read once in this pass."""
+        due = self.signatures.unread_models()
+        self.features = FeaturesPass(due, after, versions=sum(due.values())) if due else None
+        METRICS.signatures_unread.set(self.features.remaining if self.features is not None else 0)
+
+    def features_step(self) -> int:
+        """One step of the features pass: the next registered models, up to FEATURE_READS_PER_STEP versions
+        to read, read with their versions (one artifact request per signature never read) and published;
+        returns how many versions it read. Raises READ_FAILURES: those models stay due."""
+        p = self.features
+        if p is None:
+            return 0
+        if p.started is None:
+            p.started = p.logged = time.monotonic()
+            log.info("features: reading the signatures of %d model versions of %d registered models, never read "
+                     "(found by %s), %d at a time", p.versions, len(p.due), p.after, FEATURE_READS_PER_STEP)
+        names, count = [], 0
+        for name, n in p.due.items():
+            names.append(name)
+            count += n
+            if count >= FEATURE_READS_PER_STEP:
+                break
+        before = Counter(self.signatures.warnings)
+        self.signatures.lines_logged = p.lines_logged  # the pass's warning lines are limited as one pass
+        try:
+            with self.reader.retrying_for(CYCLE_RETRY_SECONDS):
+                changes = read_models(self.reader, self.known, self.experiment_names, names, self.signatures)
+        finally:
+            p.lines_logged = self.signatures.lines_logged
+        self.publish_changes(changes.entities, changes.deleted_keys)
+        p.warnings.update(self.signatures.warnings - before)
+        for name in names:
+            del p.due[name]
+        p.read += count
+        p.failures = 0
+        METRICS.signatures_unread.set(p.remaining)
+        if not p.due:
+            self.features = None
+            log.info("features: %d model versions read in %.1f s (found by %s)%s", p.read, p.seconds(), p.after,
+                     "; without features: " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(p.warnings.items()))
+                     if p.warnings else "")
+        elif time.monotonic() - p.logged >= FEATURES_PROGRESS_SECONDS:
+            p.logged = time.monotonic()
+            log.info("features: %d of %d model versions read (%.0f s)", p.read, p.versions, p.seconds())
+        return count
+
+    def read_features(self, stop: threading.Event | None = None) -> FeaturesPass | None:
+        """The whole features pass at once (the `snapshot` command, after its snapshot). When MLflow fails
+        a step, the pass ends there with its reason; what it did not read is read by the next `run` or
+        snapshot. Returns the pass (None: nothing was due)."""
+        p = self.features
+        while self.features is not None and not (stop is not None and stop.is_set()):
+            try:
+                self.features_step()
+            except READ_FAILURES as e:
+                assert p is not None
+                p.reason = failure(e, self.tracking_uri)
+                log.warning("features: the signatures of %d model versions not read (%s); the next run or snapshot "
+                            "reads them", p.remaining, p.reason)
+                self.features = None
+        return p
+
+    def _features_due(self) -> bool:
+        return self.features is not None and time.monotonic() >= self.features.next_at
+
+    def _features_step_or_backoff(self) -> None:
+        """A step of the features pass in `run`; a failure is logged and the step tried again after a backoff."""
+        p = self.features
+        assert p is not None
+        try:
+            self.features_step()
+        except READ_FAILURES as e:
+            p.failures += 1
+            wait = self._backoff(p.failures)
+            p.next_at = time.monotonic() + wait
+            log.log(logging.ERROR if isinstance(e, AuthenticationFailed) else logging.WARNING,
+                    "producer: reading features failed %d time%s in a row (%s); next attempt in %.3g s", p.failures,
+                    "" if p.failures == 1 else "s", failure(e, self.tracking_uri), wait)
 
     def _deletes(self, seen: set[str], snapshot_id: str, summary: SnapshotSummary
                  ) -> list[tuple[ChangeEvent, int | None]]:
@@ -506,7 +625,8 @@ class ChangeProducer:
     def run(self, stop: threading.Event) -> None:
         """Until stopped: a complete snapshot when one is due, else an incremental cycle, one every
         `poll_interval_seconds` counted from the start of the last (a cycle that takes longer is
-        followed at once); in between, targeted reads of what webhooks report, as they arrive.
+        followed at once); in between, targeted reads of what webhooks report, as they arrive, and the
+        steps of a features pass (the signatures a snapshot met unread).
 
         No failure of MLflow ends it: a cycle that fails, or a snapshot left incomplete, is logged in
         one line and tried again after a backoff (the poll interval, doubled at each failure in a row,
@@ -547,7 +667,11 @@ class ChangeProducer:
                         "" if failures == 1 else "s", reason, wait)
             while not stop.is_set():
                 HEARTBEATS.beat("producer")
-                self._refresh_reported(timeout=min(0.2, deadline - time.monotonic()))
+                if self._features_due() and deadline > time.monotonic():
+                    self._refresh_reported(timeout=0)  # what webhooks reported goes first
+                    self._features_step_or_backoff()
+                else:
+                    self._refresh_reported(timeout=min(0.2, deadline - time.monotonic()))
                 if time.monotonic() >= deadline:
                     break
         HEARTBEATS.forget("producer")

@@ -4,7 +4,9 @@ The producer reads MLflow in this process; consumers work in forked processes of
 the connector's consumer group, so that they have a core while the producer waits on MLflow. The
 fork comes first: the consumers load DataHub's modules while this process loads MLflow's. Each
 consumer reports the positions it has committed; once every partition of the change topic is past
-the offset of the snapshot's END marker, the command stops them and adds up what they wrote.
+the offset of the snapshot's END marker, the snapshot is over; then the features pass reads the
+signatures the snapshot met unread (a snapshot reads no artifact), and once the consumers are past
+what it published, the command stops them and adds up what they wrote.
 
 No Kafka client may exist across the fork (librdkafka's threads do not survive it): the producer
 and each consumer make their own after it.
@@ -18,6 +20,7 @@ import multiprocessing
 import multiprocessing.connection
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -32,7 +35,7 @@ from connector.errors import OperatorError
 if TYPE_CHECKING:
     from connector.mlflow.reader import MlflowReader
     from connector.pipeline.consumer import ChangeConsumer, ConsumerStats
-    from connector.pipeline.producer import SnapshotSummary
+    from connector.pipeline.producer import FeaturesPass, SnapshotSummary
 
 log = logging.getLogger("connector.snapshot")
 
@@ -50,6 +53,8 @@ class SnapshotFailed(OperatorError):
 class SnapshotResult:
     summary: SnapshotSummary
     stats: ConsumerStats
+    features: FeaturesPass | None = None  # the signatures read after the snapshot (None: none were due)
+    snapshot_seconds: float = 0.0  # from the command's start until every MCP of the snapshot was acknowledged
 
 
 def _consume(cfg: ConnectorConfig, instance_id: str | None, conn: Connection, topics_ready: Any) -> None:
@@ -111,6 +116,7 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
     (connector.kafka.topics.ensure_topics) checks Kafka and makes the topics meanwhile, in a thread, so
     that the first MLflow request does not wait for Kafka; the consumers start once it is done. A Kafka
     problem is reported before an MLflow problem."""
+    started = time.monotonic()
     fork = multiprocessing.get_context("fork")
     gc.collect()  # no Kafka client of start-up may be left for the children
     topics_ready = fork.Event()
@@ -174,15 +180,25 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
                 raise made[0]
         from connector.pipeline.producer import ChangeProducer
 
+        def consumed(ends: dict[int, int]) -> None:
+            with moved:  # woken by each report; the timeout lets a stop by signal be seen
+                while not stop.is_set() and not all(positions.get(p, 0) > o for p, o in ends.items()):
+                    moved.wait(0.2)
+
         producer = ChangeProducer(cfg, mlflow)
         try:
             summary = producer.snapshot(stop)
+            consumed(summary.end_offsets)
+            snapshot_seconds = time.monotonic() - started
+            if not stop.is_set():
+                log.info("snapshot %s: every MCP of it acknowledged (%.1f s)", summary.snapshot_id, snapshot_seconds)
+            features = None
+            if summary.complete and summary.signatures_unread and not stop.is_set():
+                before = dict(producer.written_offsets)
+                features = producer.read_features(stop)  # each step committed: acknowledged by Kafka
+                consumed({p: o for p, o in producer.written_offsets.items() if before.get(p) != o})
         finally:
             producer.close()
-        ends = summary.end_offsets
-        with moved:  # woken by each report; the timeout lets a stop by signal be seen
-            while not stop.is_set() and not all(positions.get(p, 0) > o for p, o in ends.items()):
-                moved.wait(0.2)
     finally:
         for i, (_, conn) in enumerate(children):
             if i not in reports:
@@ -205,7 +221,8 @@ def run_snapshot(cfg: ConnectorConfig, reader: Callable[[], MlflowReader], stop:
         raise SnapshotFailed("consumer: " + "; ".join(errors))
     if stop.is_set():
         raise SnapshotFailed("snapshot interrupted")
-    return SnapshotResult(summary, _total([payload for _, payload in reports.values()]))  # type: ignore[misc]
+    return SnapshotResult(summary, _total([payload for _, payload in reports.values()]),  # type: ignore[misc]
+                          features, snapshot_seconds)
 
 
 def _total(parts: list[ConsumerStats]) -> ConsumerStats:

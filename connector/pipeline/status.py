@@ -19,7 +19,7 @@ from connector.config import ConnectorConfig
 from connector.datahub.decisions import FEATURE_URN_PREFIX, SNAPSHOT_KEY, Entry
 from connector.kafka.clients import KafkaConnection
 from connector.kafka.reading import consumer_lag, read_committed
-from connector.pipeline.position import Position, position_key, producer_id, role_key
+from connector.pipeline.position import Position, known_prefix, position_key, producer_id, role_key
 
 GRACE_SECONDS = 600.0
 
@@ -40,6 +40,8 @@ class Status:
     producer_role: dict[str, Any] | None = None
     # Each instance of the consumer group: its change-topic partitions.
     instances: dict[str, list[int]] = field(default_factory=dict)
+    # Model versions whose signature is still to be read (the features pass after a snapshot; None: not read).
+    signatures_unread: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -62,6 +64,9 @@ class Status:
         out.append(f"snapshot running: {self.snapshot_running or 'no'}")
         out.append(f"entities known in DataHub: {self.entities_known} (soft-deleted: {self.entities_removed})")
         out.append(f"dead letters: {self.dead_letters}")
+        if self.signatures_unread is not None:
+            out.append(f"model versions whose signature is still to be read: {self.signatures_unread}"
+                       + (" (the producer's features pass reads them)" if self.signatures_unread else ""))
         role = self.producer_role or {}
         if role.get("holder"):
             out.append(f"producer role: {role['holder']} since {_iso(role.get('since_ms'))}; standing by: "
@@ -93,12 +98,19 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
 
     position: Position | None = None
     role_record: dict[str, Any] | None = None
-    key, held_key = position_key(cfg), role_key(cfg)
+    key, held_key, summaries = position_key(cfg), role_key(cfg), known_prefix(cfg)
+    unread: dict[bytes, bool] = {}  # a model version's summary key -> whether its signature is still to be read
     for msg in read_committed(connection, k.topics.producer_offsets, role="status", settled=False):
         if msg.key() == key:
             position = Position.from_json(msg.value()) if msg.value() is not None else None
         elif msg.key() == held_key and msg.value() is not None:
             role_record = json.loads(msg.value())
+        elif msg.key().startswith(summaries + b"model_version:"):
+            if msg.value() is None:
+                unread.pop(msg.key(), None)
+            else:
+                read = json.loads(msg.value()).get("sig") or {}
+                unread[msg.key()] = read.get("signature_status") in (None, "UNAVAILABLE")
 
     lag = consumer_lag(connection, k.topics.changes, k.consumer_group)
     members: int | None
@@ -165,4 +177,5 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
         producer_position=asdict(position) if position is not None else None,
         consumer_members=members, healthy=not problems, problems=problems,
         producer_role=producer_role, instances=instances,
+        signatures_unread=sum(unread.values()) if cfg.producer.read_signatures and position is not None else None,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,14 @@ from mlflow import MlflowClient
 
 from connector.config import ConnectorConfig
 from connector.datahub.mapping import MappingSettings, feature_urn, model_urn, run_urn
-from connector.devstack.mlflow_server import MlflowServer, MlflowVersionMissing, mlflow2_python, run_with
+from connector.devstack.mlflow_server import MlflowServer, MlflowVersionMissing, free_port, mlflow2_python, run_with
 from connector.kafka.topics import ensure_topics
-from connector.mlflow.reader import MlflowReader, reader_settings
+from connector.mlflow.reader import MlflowReader, ReaderSettings, reader_settings
+from connector.pipeline import producer as producer_module
 from connector.pipeline.producer import ChangeProducer
+from connector.pipeline.status import read_status
 from tests.conftest import ConfigFactory, run_cli
+from tests.integration.test_crash import Process
 from tests.signature_content import BARE_MODEL, IRIS, MODEL
 
 SETTINGS = MappingSettings()
@@ -114,6 +118,8 @@ def test_features_and_training_data_on_mlflow_3(mlflow3: tuple[MlflowServer, dic
     records, output = _snapshot_and_dump(config, tmp_path / "dump.json")
     _check_features(records, content["runs"])
     assert f"model {BARE_MODEL!r} version 1: no features (signature unreadable" in output, output[-3000:]
+    # the snapshot read none; the features pass after it read the three, once each
+    assert "features: signatures of 3 of 3 model versions read after it" in output, output[-3000:]
 
     # Reading signatures again: not in an unchanged cycle, not after a restart
     producer = ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
@@ -124,7 +130,7 @@ def test_features_and_training_data_on_mlflow_3(mlflow3: tuple[MlflowServer, dic
         assert summary.complete, summary.reason
         producer.cycle()
         assert producer.reader.requests_by_call[ARTIFACT_CALL] == 0, producer.reader.requests_by_call
-        assert summary.signature_warnings == {}, summary.signature_warnings
+        assert summary.signatures_unread == 0 and producer.features is None
     finally:
         producer.close()
 
@@ -155,3 +161,71 @@ def _check_sources_are_runs_uris(cfg: ConnectorConfig, content: dict[str, Any]) 
     reader = MlflowReader(reader_settings(cfg))
     sources = {v.version: v.source for page in reader.model_versions_of([MODEL]) for v in page}
     assert sources == {n: f"runs:/{run_id}/model" for n, run_id in content["runs"].items()}, sources
+
+
+def test_a_snapshot_reads_no_artifact_and_run_reads_the_features_after_it(
+        mlflow2: tuple[MlflowServer, dict[str, Any]], make_config: ConfigFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first snapshot is not held up by an artifact request per version: it publishes the versions without
+    their signatures and ends. Its process ends too (a crash, or a holder of the role gone): the next `run`
+    finds the versions unread in the producer-offsets topic and reads them, between its cycles."""
+    server, content = mlflow2
+    config, cfg = make_config(server.uri, {"producer": {"reconcile_interval_seconds": 3600}})
+    ensure_topics(cfg)
+    producer = ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
+    try:
+        summary = producer.snapshot()
+        assert summary.complete, summary.reason
+        assert producer.reader.requests_by_call[ARTIFACT_CALL] == 0, producer.reader.requests_by_call
+        assert summary.signatures_unread == 3 and producer.features is not None
+        assert producer.features.due == {MODEL: 2, BARE_MODEL: 1}, producer.features.due
+    finally:
+        producer.close()  # gone before its features pass: what it did not read is in Kafka, not in its memory
+    assert read_status(cfg).signatures_unread == 3
+
+    # An outage during the pass: a step fails, nothing is lost, and it is tried again after a backoff (`run`);
+    # the `snapshot` command's pass ends with the reason instead.
+    monkeypatch.setattr(producer_module, "CYCLE_RETRY_SECONDS", 0.5)
+    dead = f"http://127.0.0.1:{free_port()}"
+    outage = ChangeProducer(cfg, MlflowReader(ReaderSettings(dead, dead, retry_for_seconds=0)))
+    try:
+        assert outage.features is not None and outage.features.after == "start-up"
+        assert outage.features.remaining == 3
+        outage._features_step_or_backoff()
+        assert outage.features.failures == 1 and outage.features.next_at > time.monotonic()
+        assert outage.features.remaining == 3 and outage.known.signatures == {}
+        ended = outage.read_features()
+        assert ended is not None and ended.reason and ended.read == 0 and outage.features is None
+    finally:
+        outage.close()
+
+    run = Process(["run", "-c", str(config), "--instance-id", "features-run"], tmp_path / "run.log")
+    run.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert run.alive(), (tmp_path / "run.log").read_text()[-3000:]
+            dumped = run_cli("dump", "-c", str(config), "--out", str(tmp_path / "dump.json"))
+            assert dumped.returncode == 0, dumped.stderr[-3000:]
+            records = json.loads((tmp_path / "dump.json").read_text())
+            try:
+                _check_features(records, content["runs"])
+                break
+            except (AssertionError, KeyError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+    finally:
+        assert run.stop() == 0
+    log = (tmp_path / "run.log").read_text()
+    assert "features: reading the signatures of 3 model versions of 2 registered models, never read (found by " \
+           "start-up)" in log, log[-3000:]
+    assert "features: 3 model versions read" in log and "without features: 1 unreadable" in log, log[-3000:]
+    # read once: a restart finds nothing left to read
+    status = read_status(cfg)
+    assert status.signatures_unread == 0 and "signature is still to be read: 0" in "\n".join(status.lines())
+    again = ChangeProducer(cfg, MlflowReader(reader_settings(cfg)))
+    try:
+        assert again.features is None and len(again.known.signatures) == 3
+    finally:
+        again.close()

@@ -311,3 +311,23 @@ def test_reading_signatures_can_be_switched_off() -> None:
     assert signatures.of(mo.model_version("m", "1")) == changes.NOT_READ
     signatures.prefetch([mo.model_version("m", "2"), mo.model_version("m", "3")])
     assert reader.asked == [] and signatures.requests == 0
+
+
+def test_a_snapshot_takes_what_was_read_and_the_features_pass_reads_the_rest() -> None:
+    """`known` (a snapshot's listing) never asks MLflow; `unread_models` lists, by registered model, the
+    versions never read or not for want of an answer: what the features pass after the snapshot reads."""
+    reader = CountingReader({})
+    known = Known()
+    reads = {("m", "1"): changes.signature_read("PRESENT", None, iris_signature()),
+             ("m", "2"): changes.NOT_READ,
+             ("n", "1"): changes.signature_read("UNAVAILABLE", "MLflow did not answer"),
+             ("o", "1"): changes.signature_read("ABSENT", "its model was logged without a signature")}
+    for (name, version), r in reads.items():
+        state = changes.model_version_state(mo.model_version(name, version), [], None, r)
+        known.restore("MODEL_VERSION", model_version_key(name, version), Known.summary("MODEL_VERSION", state))
+    signatures = Signatures(reader, known)  # type: ignore[arg-type]
+    assert [signatures.known(mo.model_version(n, v)) for n, v in reads] == list(reads.values())
+    assert reader.asked == []
+    assert signatures.unread_models() == {"m": 1, "n": 1}
+    assert Signatures(reader, known, enabled=False).unread_models() == {}
+    assert Signatures(reader, known, enabled=False).known(mo.model_version("m", "1")) == changes.NOT_READ
