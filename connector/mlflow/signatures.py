@@ -49,6 +49,9 @@ class Signatures:
         self.warnings: Counter[str] = Counter()  # status -> versions read without features
         self._read: dict[str, SignatureRead] = {}  # read by this process, not yet in `Known` (not committed)
         self.lines_logged = 0  # warning lines of this pass (a cycle's, a snapshot's, or a features pass's)
+        # Version keys whose signatures may be read now (None: any): a step of the features pass reads its own
+        # versions only, although it reads every version of their models.
+        self.only: set[str] | None = None
 
     def begin(self) -> None:
         """A new snapshot or cycle: what was read is in `Known` by now (or is read again)."""
@@ -70,16 +73,16 @@ class Signatures:
         key = model_version_key(version.name, str(version.version))
         return self._read.get(key) or self.known_reads.signatures.get(key) or NOT_READ
 
-    def unread_models(self) -> dict[str, int]:
-        """Registered model name -> how many of its published versions have a signature never read (or not
-        read for want of an answer), in name order: what the features pass reads."""
+    def unread_models(self) -> dict[str, list[str]]:
+        """Registered model name -> its published versions whose signature was never read (or not for want
+        of an answer), models in name order, versions in number order: what the features pass reads."""
         if not self.enabled:
             return {}
-        unread: dict[str, int] = {}
+        unread: dict[str, list[str]] = {}
         for name, versions in sorted(self.known_reads.versions_by_model.items()):
-            count = sum(1 for v in versions if self.cached(name, v) is None)
-            if count:
-                unread[name] = count
+            wanted = sorted((v for v in versions if self.cached(name, v) is None), key=_number)
+            if wanted:
+                unread[name] = wanted
         return unread
 
     def of(self, version: MlflowModelVersion) -> SignatureRead:
@@ -90,6 +93,8 @@ class Signatures:
         found = self.cached(name, number)
         if found is not None:
             return found
+        if self.only is not None and model_version_key(name, number) not in self.only:
+            return self.known(version)  # another step's
         found = self._fetch(name, number)
         self._read[model_version_key(name, number)] = found
         return found
@@ -99,7 +104,8 @@ class Signatures:
         every version new)."""
         if not self.enabled:
             return
-        wanted = [v for v in versions if self.cached(v.name, str(v.version)) is None]
+        wanted = [v for v in versions if self.cached(v.name, str(v.version)) is None
+                  and (self.only is None or model_version_key(v.name, str(v.version)) in self.only)]
         if len(wanted) < 2:
             return
         with ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix="mlflow-signatures") as pool:
@@ -128,3 +134,7 @@ class Signatures:
                 log.warning("further model versions without features are counted, not logged one by one, until "
                             "the next pass (mlflow_datahub_signature_warnings_total)")
         return found
+
+
+def _number(version: str) -> tuple[int, str]:
+    return (int(version), version) if version.isdigit() else (0, version)

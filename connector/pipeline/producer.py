@@ -31,7 +31,15 @@ from confluent_kafka import KafkaError, Message
 from connector.config import ConnectorConfig
 from connector.contract import codec
 from connector.contract.envelope import entity_changed, entity_deleted, fingerprint, snapshot_marker, source_block
-from connector.contract.events import SNAPSHOT_MARKER_KEY, ChangeEvent, Entity, EntityKind, entity_key, kind_of_key
+from connector.contract.events import (
+    SNAPSHOT_MARKER_KEY,
+    ChangeEvent,
+    Entity,
+    EntityKind,
+    entity_key,
+    kind_of_key,
+    model_version_key,
+)
 from connector.contract.fitting import fit_event
 from connector.errors import ConfigError
 from connector.kafka.clients import KafkaConnection
@@ -102,7 +110,7 @@ class FeaturesPass:
     """The model versions found with a signature never read (by a snapshot, which reads none, or at
     start-up), by registered model: read after it, a step at a time, and published with their features."""
 
-    due: dict[str, int]  # registered model name -> its versions to read
+    due: dict[str, list[str]]  # registered model name -> its versions to read
     after: str  # what found them: "snapshot <id>" or "start-up"
     versions: int = 0  # to read, when it was made
     read: int = 0  # read so far
@@ -116,7 +124,25 @@ class FeaturesPass:
 
     @property
     def remaining(self) -> int:
-        return sum(self.due.values())
+        return sum(len(versions) for versions in self.due.values())
+
+    def next_step(self, limit: int) -> list[tuple[str, str]]:
+        """The (model, version) pairs of the next step: at most `limit`, in the order they are due. Pure."""
+        picked: list[tuple[str, str]] = []
+        for name, versions in self.due.items():
+            picked += [(name, v) for v in versions[:limit - len(picked)]]
+            if len(picked) >= limit:
+                break
+        return picked
+
+    def done(self, step: list[tuple[str, str]]) -> None:
+        """The versions of a step were read (or tried: one that got no answer waits for the next pass)."""
+        for name, version in step:
+            versions = self.due.get(name)
+            if versions is not None and version in versions:
+                versions.remove(version)
+                if not versions:
+                    del self.due[name]
 
     def seconds(self) -> float:
         return 0.0 if self.started is None else time.monotonic() - self.started
@@ -434,13 +460,13 @@ class ChangeProducer:
         """The features pass: the registered models with published versions whose signature was never
         read (or not for want of an answer); each is read once in this pass."""
         due = self.signatures.unread_models()
-        self.features = FeaturesPass(due, after, versions=sum(due.values())) if due else None
+        self.features = FeaturesPass(due, after, versions=sum(len(v) for v in due.values())) if due else None
         METRICS.signatures_unread.set(self.features.remaining if self.features is not None else 0)
 
     def features_step(self) -> int:
-        """One step of the features pass: the next registered models, up to FEATURE_READS_PER_STEP versions
-        to read, read with their versions (one artifact request per signature never read) and published;
-        returns how many versions it read. Raises READ_FAILURES: those models stay due."""
+        """One step of the features pass: the next FEATURE_READS_PER_STEP versions due, their registered models
+        read with all their versions (one artifact request for each version of the step) and published;
+        returns how many versions it read. Raises READ_FAILURES: those versions stay due."""
         p = self.features
         if p is None:
             return 0
@@ -448,24 +474,21 @@ class ChangeProducer:
             p.started = p.logged = time.monotonic()
             log.info("features: reading the signatures of %d model versions of %d registered models, never read "
                      "(found by %s), %d at a time", p.versions, len(p.due), p.after, FEATURE_READS_PER_STEP)
-        names, count = [], 0
-        for name, n in p.due.items():
-            names.append(name)
-            count += n
-            if count >= FEATURE_READS_PER_STEP:
-                break
+        step = p.next_step(FEATURE_READS_PER_STEP)
         before = Counter(self.signatures.warnings)
         self.signatures.lines_logged = p.lines_logged  # the pass's warning lines are limited as one pass
+        self.signatures.only = {model_version_key(name, version) for name, version in step}
         try:
             with self.reader.retrying_for(CYCLE_RETRY_SECONDS):
-                changes = read_models(self.reader, self.known, self.experiment_names, names, self.signatures)
+                changes = read_models(self.reader, self.known, self.experiment_names, {n for n, _ in step},
+                                      self.signatures)
         finally:
             p.lines_logged = self.signatures.lines_logged
+            self.signatures.only = None
         self.publish_changes(changes.entities, changes.deleted_keys)
         p.warnings.update(self.signatures.warnings - before)
-        for name in names:
-            del p.due[name]
-        p.read += count
+        p.done(step)
+        p.read += len(step)
         p.failures = 0
         METRICS.signatures_unread.set(p.remaining)
         if not p.due:
@@ -476,7 +499,7 @@ class ChangeProducer:
         elif time.monotonic() - p.logged >= FEATURES_PROGRESS_SECONDS:
             p.logged = time.monotonic()
             log.info("features: %d of %d model versions read (%.0f s)", p.read, p.versions, p.seconds())
-        return count
+        return len(step)
 
     def read_features(self, stop: threading.Event | None = None) -> FeaturesPass | None:
         """The whole features pass at once (the `snapshot` command, after its snapshot). When MLflow fails

@@ -178,7 +178,7 @@ def test_a_snapshot_reads_no_artifact_and_run_reads_the_features_after_it(
         assert summary.complete, summary.reason
         assert producer.reader.requests_by_call[ARTIFACT_CALL] == 0, producer.reader.requests_by_call
         assert summary.signatures_unread == 3 and producer.features is not None
-        assert producer.features.due == {MODEL: 2, BARE_MODEL: 1}, producer.features.due
+        assert producer.features.due == {MODEL: ["1", "2"], BARE_MODEL: ["1"]}, producer.features.due
     finally:
         producer.close()  # gone before its features pass: what it did not read is in Kafka, not in its memory
     assert read_status(cfg).signatures_unread == 3

@@ -328,6 +328,38 @@ def test_a_snapshot_takes_what_was_read_and_the_features_pass_reads_the_rest() -
     signatures = Signatures(reader, known)  # type: ignore[arg-type]
     assert [signatures.known(mo.model_version(n, v)) for n, v in reads] == list(reads.values())
     assert reader.asked == []
-    assert signatures.unread_models() == {"m": 1, "n": 1}
+    assert signatures.unread_models() == {"m": ["2"], "n": ["1"]}
     assert Signatures(reader, known, enabled=False).unread_models() == {}
     assert Signatures(reader, known, enabled=False).known(mo.model_version("m", "1")) == changes.NOT_READ
+
+
+def test_a_step_of_the_features_pass_reads_its_own_versions_only() -> None:
+    """A step reads every version of its models (for the model's features) but asks MLflow only for the
+    signatures of the versions it took; a model with more versions due than a step spans several steps."""
+    from connector.pipeline.producer import FeaturesPass
+
+    reader = CountingReader({("m", str(v)): mlmodel([{"type": "double", "name": "x", "required": True}])
+                             for v in range(1, 13)})
+    known = Known()
+    for v in range(1, 13):
+        state = changes.model_version_state(mo.model_version("m", str(v)), [], None, changes.NOT_READ)
+        known.restore("MODEL_VERSION", model_version_key("m", str(v)), Known.summary("MODEL_VERSION", state))
+    state = changes.model_version_state(mo.model_version("a", "1"), [], None, changes.NOT_READ)
+    known.restore("MODEL_VERSION", model_version_key("a", "1"), Known.summary("MODEL_VERSION", state))
+    signatures = Signatures(reader, known)  # type: ignore[arg-type]
+    due = signatures.unread_models()
+    assert due == {"a": ["1"], "m": [str(v) for v in range(1, 13)]}  # versions by number: 2 before 10
+    features = FeaturesPass(due, "snapshot 1", versions=13)
+    first = features.next_step(5)
+    assert first == [("a", "1"), ("m", "1"), ("m", "2"), ("m", "3"), ("m", "4")]
+    signatures.only = {model_version_key(n, v) for n, v in first}
+    versions = [mo.model_version("m", str(v)) for v in range(1, 13)]
+    signatures.prefetch(versions)
+    reads = [signatures.of(v) for v in versions]
+    assert sorted(reader.asked) == [("m", "1"), ("m", "2"), ("m", "3"), ("m", "4")]
+    assert [r["signature_status"] for r in reads] == ["PRESENT"] * 4 + [None] * 8
+    features.done(first)
+    assert features.remaining == 8 and "a" not in features.due
+    assert features.next_step(5) == [("m", str(v)) for v in range(5, 10)]
+    features.done(features.next_step(100))
+    assert features.due == {} and features.remaining == 0
