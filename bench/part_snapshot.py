@@ -20,25 +20,24 @@ from bench.scale_fixture import REPO
 ARTIFACT_ENDPOINT = "GET /model-versions/get-artifact"  # a signature's read, as endpoint_counts names it
 
 
-def _rounds(b: Bench, name: str, extra: dict | None = None
-            ) -> list[tuple[Child, Finished, float, float, float | None]]:
-    """--repeat-snapshot rounds of `mlflow-datahub snapshot`, each on topics of its own (a first snapshot):
-    (the command, how it finished, the MLflow server's CPU, the machine's busy CPU, the stack's CPU)."""
-    rounds = []
-    for i in range(b.args.repeat_snapshot):
-        path, data = b.config(f"{name}-{i + 1}", extra=extra)
-        cpu0, busy0, stack0 = b.server_cpu_seconds(), b.machine_busy_seconds(), b.stack_cpu_seconds()
-        child = Child(connector_cli("snapshot", "-c", path), b.workdir / f"{name}-{i + 1}")
-        fin = child.wait(b.args.timeout)
-        busy = b.machine_busy_seconds() - busy0
-        stack1 = b.stack_cpu_seconds()
-        stack_cpu = None if stack0 is None or stack1 is None else stack1 - stack0
-        b.server.access.settle()  # type: ignore[union-attr]
-        server_cpu = b.server_cpu_seconds() - cpu0
-        if fin.rc != 0:
-            raise RuntimeError(f"snapshot failed ({fin.rc}):\n{tail(fin.stderr)}\n{tail(fin.stdout)}")
-        rounds.append((child, fin, server_cpu, busy, stack_cpu))
-    return rounds
+Round = tuple[Child, Finished, float, float, "float | None"]
+
+
+def _round(b: Bench, name: str, extra: dict | None = None) -> Round:
+    """One `mlflow-datahub snapshot` on topics of its own (a first snapshot): (the command, how it finished,
+    the MLflow server's CPU, the machine's busy CPU, the stack's CPU)."""
+    path, data = b.config(name, extra=extra)
+    cpu0, busy0, stack0 = b.server_cpu_seconds(), b.machine_busy_seconds(), b.stack_cpu_seconds()
+    child = Child(connector_cli("snapshot", "-c", path), b.workdir / name)
+    fin = child.wait(b.args.timeout)
+    busy = b.machine_busy_seconds() - busy0
+    stack1 = b.stack_cpu_seconds()
+    stack_cpu = None if stack0 is None or stack1 is None else stack1 - stack0
+    b.server.access.settle()  # type: ignore[union-attr]
+    server_cpu = b.server_cpu_seconds() - cpu0
+    if fin.rc != 0:
+        raise RuntimeError(f"snapshot failed ({fin.rc}):\n{tail(fin.stderr)}\n{tail(fin.stdout)}")
+    return child, fin, server_cpu, busy, stack_cpu
 
 
 def snapshot_seconds(child: Child, fin: Finished) -> float:
@@ -48,21 +47,27 @@ def snapshot_seconds(child: Child, fin: Finished) -> float:
     return fin.wall if acknowledged is None else acknowledged - child.started
 
 
-def _median(rounds: list[tuple[Child, Finished, float, float, float | None]]
-            ) -> tuple[Child, Finished, float, float, float | None]:
+def _median(rounds: list[Round]) -> Round:
     return sorted(rounds, key=lambda r: snapshot_seconds(r[0], r[1]))[len(rounds) // 2]
 
 
 def part_c(b: Bench) -> None:
     say("(c) connector: `mlflow-datahub snapshot` with fresh topics, until the last MCP of the snapshot is "
         "acknowledged; then its features pass")
-    # Each round on topics of its own, like a first snapshot; the median round is reported (as (b)).
-    rounds = _rounds(b, "snapshot")
+    # Each round on topics of its own, like a first snapshot; the median round is reported (as (b)). The peer,
+    # in the same run: the same command without reading signatures (`producer.read_signatures: false`, the
+    # connector before features), what a snapshot cost before issue 19. A warm-up round first (the first
+    # command after the server started is slower), then the two take turns.
+    without = {"producer": {"read_signatures": False}}
+    warm = _round(b, "snapshot-warm-up", without)
+    say(f"    (warm-up round, not counted: {snapshot_seconds(warm[0], warm[1]):.2f} s)")
+    rounds: list[Round] = []
+    peer_rounds: list[Round] = []
+    for i in range(b.args.repeat_snapshot):
+        rounds.append(_round(b, f"snapshot-{i + 1}"))
+        peer_rounds.append(_round(b, f"snapshot-without-signatures-{i + 1}", without))
     walls = [snapshot_seconds(r[0], r[1]) for r in rounds]
     child, fin, server_cpu, busy, stack_cpu = _median(rounds)
-    # The peer, in the same run: the same command without reading signatures (`producer.read_signatures: false`,
-    # the connector before features): what a snapshot cost before issue 19.
-    peer_rounds = _rounds(b, "snapshot-without-signatures", {"producer": {"read_signatures": False}})
     peer_walls = [snapshot_seconds(r[0], r[1]) for r in peer_rounds]
     peer_child, peer_fin, *_ = _median(peer_rounds)
     peer = snapshot_seconds(peer_child, peer_fin)

@@ -81,6 +81,8 @@ TARGETED_READ_ATTEMPTS = 3  # failed targeted reads of one model (MLflow answeri
 # Model versions whose signature one step of the features pass reads (an artifact request each: under a second of
 # MLflow's time at ~25 ms a request): between two steps, `run` serves webhooks and keeps its cycles on time.
 FEATURE_READS_PER_STEP = 25
+# The `snapshot` command's features pass serves no webhook: larger steps, fewer requests for the models and runs.
+FEATURE_READS_PER_COMMAND_STEP = 200
 FEATURES_PROGRESS_SECONDS = 10.0  # a progress line of a long features pass at most this often
 
 
@@ -463,8 +465,8 @@ class ChangeProducer:
         self.features = FeaturesPass(due, after, versions=sum(len(v) for v in due.values())) if due else None
         METRICS.signatures_unread.set(self.features.remaining if self.features is not None else 0)
 
-    def features_step(self) -> int:
-        """One step of the features pass: the next FEATURE_READS_PER_STEP versions due, their registered models
+    def features_step(self, limit: int = FEATURE_READS_PER_STEP) -> int:
+        """One step of the features pass: the next `limit` versions due, their registered models
         read with all their versions (one artifact request for each version of the step) and published;
         returns how many versions it read. Raises READ_FAILURES: those versions stay due."""
         p = self.features
@@ -473,8 +475,8 @@ class ChangeProducer:
         if p.started is None:
             p.started = p.logged = time.monotonic()
             log.info("features: reading the signatures of %d model versions of %d registered models, never read "
-                     "(found by %s), %d at a time", p.versions, len(p.due), p.after, FEATURE_READS_PER_STEP)
-        step = p.next_step(FEATURE_READS_PER_STEP)
+                     "(found by %s), %d at a time", p.versions, len(p.due), p.after, limit)
+        step = p.next_step(limit)
         before = Counter(self.signatures.warnings)
         self.signatures.lines_logged = p.lines_logged  # the pass's warning lines are limited as one pass
         self.signatures.only = {model_version_key(name, version) for name, version in step}
@@ -508,7 +510,7 @@ class ChangeProducer:
         p = self.features
         while self.features is not None and not (stop is not None and stop.is_set()):
             try:
-                self.features_step()
+                self.features_step(FEATURE_READS_PER_COMMAND_STEP)
             except READ_FAILURES as e:
                 assert p is not None
                 p.reason = failure(e, self.tracking_uri)
