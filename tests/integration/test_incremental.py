@@ -67,6 +67,10 @@ def test_each_cycle_publishes_what_changed(client: MlflowClient, producer_and_to
     summary = producer.snapshot()
     assert summary.complete
     assert ("READ", f"run:{active}") in topic.new()
+    # The snapshot read no signature: its features pass (`run` makes it between cycles) reads version 1's.
+    assert summary.signatures_unread == 1
+    producer.read_features()
+    assert topic.new() == [("UPDATE", "model_version:inc model/1")]
 
     # Nothing changed: nothing published, a handful of requests (once past the watermark overlap).
     time.sleep(1.2)
@@ -77,7 +81,7 @@ def test_each_cycle_publishes_what_changed(client: MlflowClient, producer_and_to
     idle_requests = producer.reader.requests - before
     idle_calls = {k: v - calls_before.get(k, 0) for k, v in producer.reader.requests_by_call.items()
                   if v != calls_before.get(k, 0)}
-    # (no "model version artifact": the versions' signatures were read by the snapshot, once)
+    # (no "model version artifact": the versions' signatures were read by the features pass, once)
     assert idle_calls == {"search_experiments": 1, "search_registered_models": 1, "search_model_versions": 1,
                           "search_runs": 1, "search_logged_models": 1}, idle_calls
     assert idle_requests == 5
