@@ -98,6 +98,11 @@ class Signature(TypedDict):
 SignatureStatus = Literal["PRESENT", "ABSENT", "UNREADABLE", "UNAVAILABLE"]
 
 
+def signature_to_read(status: str | None) -> bool:
+    """Whether a version's signature is still to be read: never read (None), or MLflow did not answer."""
+    return status in (None, "UNAVAILABLE")
+
+
 class RegisteredModel(TypedDict):
     name: str
     description: str | None

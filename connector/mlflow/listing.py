@@ -17,6 +17,7 @@ from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 
 from connector.contract.events import Entity, EntityKind, ModelVersionRef, RegisteredModel, RunSummary, Signature
 from connector.mlflow.entities import (
+    NOT_READ,
     aliases_by_version,
     experiment_state,
     logged_model_state,
@@ -111,11 +112,6 @@ def _read_registry_once(reader: MlflowReader) -> RegistryIndex:
     return index
 
 
-def _read_of(read: dict[tuple[str, str], SignatureRead], version: MlflowModelVersion) -> list[SignatureRead]:
-    found = read.get((version.name, str(version.version)))
-    return [found] if found is not None else []
-
-
 class Totals(Protocol):
     """Told how many objects of a kind MLflow has, once the listing knows (progress displays)."""
 
@@ -140,12 +136,12 @@ def full_listing(reader: MlflowReader, totals: Totals | None = None,
     if totals is not None:
         totals.total("REGISTERED_MODEL", len(index.models))
         totals.total("MODEL_VERSION", len(index.versions))
-    read: dict[tuple[str, str], SignatureRead] = {}
+    def read_before(version: MlflowModelVersion) -> SignatureRead:
+        return signatures.known(version) if signatures is not None else NOT_READ
+
     by_model: dict[str, list[tuple[str, Signature | None]]] = {}
-    if signatures is not None:
-        for v in index.versions:
-            found = read[(v.name, str(v.version))] = signatures.known(v)
-            by_model.setdefault(v.name, []).append((str(v.version), found["signature"]))
+    for v in index.versions:
+        by_model.setdefault(v.name, []).append((str(v.version), read_before(v)["signature"]))
     for model in index.models.values():
         yield "REGISTERED_MODEL", with_features(model, by_model.get(model["name"], []))
     emitted_versions: set[tuple[str, str]] = set()
@@ -159,7 +155,7 @@ def full_listing(reader: MlflowReader, totals: Totals | None = None,
             for version in index.by_run.get(run.info.run_id, []):
                 emitted_versions.add((version.name, str(version.version)))
                 yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run_summary(state),
-                                                           *_read_of(read, version))
+                                                           read_before(version))
     # Versions whose run was not among the listed runs: without a run, or with a run elsewhere.
     orphans = [v for v in index.versions if (v.name, str(v.version)) not in emitted_versions]
     summaries: dict[str, RunSummary] = {}
@@ -169,7 +165,7 @@ def full_listing(reader: MlflowReader, totals: Totals | None = None,
             summaries[run.info.run_id] = run_summary(run_state(run, "", []))
     for version in orphans:
         run = summaries.get(version.run_id) if version.run_id else None
-        yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run, *_read_of(read, version))
+        yield "MODEL_VERSION", model_version_state(version, index.aliases(version), run, read_before(version))
     for page in reader.logged_models(list(experiment_names)):
         for model in page:
             yield "LOGGED_MODEL", logged_model_state(model)

@@ -152,8 +152,8 @@ class ArtifactUnreadable(Exception):
     permission, a registry that is not an MLflow server over HTTP (Databricks), another HTTP 4xx."""
 
 
-# A model version's artifact is read with bounded retries: a server that keeps failing it must not hold up a
-# snapshot (the version is published without its signature, and read again at the next snapshot).
+# A model version's artifact is read with bounded retries: a server that keeps failing it must not hold up a cycle
+# or the features pass (the version is published without its signature, and read again after the next snapshot).
 ARTIFACT_RETRY_SECONDS = 3.0
 MODEL_VERSION_ARTIFACT_ENDPOINT = "/model-versions/get-artifact"
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 from mlflow.exceptions import MlflowException
 
-from connector.contract.events import model_version_key
+from connector.contract.events import model_version_key, signature_to_read
 from connector.errors import first_line
 from connector.mlflow.entities import NOT_READ, SignatureRead, parse_mlmodel, signature_read
 from connector.mlflow.incremental import Known
@@ -58,20 +58,20 @@ class Signatures:
         self._read.clear()
         self.lines_logged = 0
 
+    def _found(self, key: str) -> SignatureRead:
+        return self._read.get(key) or self.known_reads.signatures.get(key) or NOT_READ
+
     def cached(self, name: str, version: str) -> SignatureRead | None:
-        key = model_version_key(name, version)
-        found = self._read.get(key) or self.known_reads.signatures.get(key)
-        if found is None or found["signature_status"] in (None, "UNAVAILABLE"):
-            return None
-        return found
+        """What was read, unless it is still to be read (never read, or no answer)."""
+        found = self._found(model_version_key(name, version))
+        return None if signature_to_read(found["signature_status"]) else found
 
     def known(self, version: MlflowModelVersion) -> SignatureRead:
         """What was read of the version's signature before (UNAVAILABLE included), without reading it:
         NOT_READ when it never was."""
         if not self.enabled:
             return NOT_READ
-        key = model_version_key(version.name, str(version.version))
-        return self._read.get(key) or self.known_reads.signatures.get(key) or NOT_READ
+        return self._found(model_version_key(version.name, str(version.version)))
 
     def unread_models(self) -> dict[str, list[str]]:
         """Registered model name -> its published versions whose signature was never read (or not for want

@@ -300,7 +300,7 @@ class ChangeProducer:
 
     def _on_delivery(self, error: KafkaError | None, msg: Message) -> None:
         if error is None:
-            self.written_offsets[msg.partition()] = max(msg.offset(), self.written_offsets.get(msg.partition(), -1))
+            self.written_offsets[msg.partition()] = msg.offset()  # delivery reports come in order per partition
             if msg.key() == SNAPSHOT_MARKER_KEY.encode():
                 self._end_offsets[msg.partition()] = msg.offset()
 
@@ -465,13 +465,13 @@ class ChangeProducer:
         self.features = FeaturesPass(due, after, versions=sum(len(v) for v in due.values())) if due else None
         METRICS.signatures_unread.set(self.features.remaining if self.features is not None else 0)
 
-    def features_step(self, limit: int = FEATURE_READS_PER_STEP) -> int:
+    def features_step(self, limit: int = FEATURE_READS_PER_STEP) -> None:
         """One step of the features pass: the next `limit` versions due, their registered models
-        read with all their versions (one artifact request for each version of the step) and published;
-        returns how many versions it read. Raises READ_FAILURES: those versions stay due."""
+        read with all their versions (one artifact request for each version of the step) and published.
+        Raises READ_FAILURES: those versions stay due."""
         p = self.features
         if p is None:
-            return 0
+            return
         if p.started is None:
             p.started = p.logged = time.monotonic()
             log.info("features: reading the signatures of %d model versions of %d registered models, never read "
@@ -501,7 +501,6 @@ class ChangeProducer:
         elif time.monotonic() - p.logged >= FEATURES_PROGRESS_SECONDS:
             p.logged = time.monotonic()
             log.info("features: %d of %d model versions read (%.0f s)", p.read, p.versions, p.seconds())
-        return len(step)
 
     def read_features(self, stop: threading.Event | None = None) -> FeaturesPass | None:
         """The whole features pass at once (the `snapshot` command, after its snapshot). When MLflow fails

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from connector.config import ConnectorConfig
+from connector.contract.events import signature_to_read
 from connector.datahub.decisions import FEATURE_URN_PREFIX, SNAPSHOT_KEY, Entry
 from connector.kafka.clients import KafkaConnection
 from connector.kafka.reading import consumer_lag, read_committed
@@ -110,7 +111,7 @@ def read_status(cfg: ConnectorConfig, now_ms: int | None = None) -> Status:
                 unread.pop(msg.key(), None)
             else:
                 read = json.loads(msg.value()).get("sig") or {}
-                unread[msg.key()] = read.get("signature_status") in (None, "UNAVAILABLE")
+                unread[msg.key()] = signature_to_read(read.get("signature_status"))
 
     lag = consumer_lag(connection, k.topics.changes, k.consumer_group)
     members: int | None
