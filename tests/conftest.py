@@ -25,7 +25,7 @@ from confluent_kafka import Message
 
 from connector.config import ConnectorConfig, KafkaConfig, parse
 from connector.devstack.layout import ENV_STACK_DIR, PORT_ENV
-from connector.devstack.mlflow_server import MlflowServer
+from connector.devstack.mlflow_server import MlflowServer, MlflowVersionMissing, mlflow2_python
 from connector.kafka.clients import KafkaConnection
 from connector.kafka.reading import read_committed
 
@@ -165,6 +165,21 @@ def private_stack_env(root: Path) -> dict[str, str]:
     variables of `connector.devstack.layout.PORT_ENV`), out of the way of the shared test stack."""
     return {ENV_STACK_DIR: str(root), **{var: str(port) for var, port in zip(PORT_ENV, free_ports(len(PORT_ENV)),
                                                                             strict=True)}}
+
+
+@contextmanager
+def mlflow2_server(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[MlflowServer, Path]]:
+    """An MLflow 2.x server of its own (empty), and the Python of its venv; stopped afterwards. Without the 2.x
+    venv the test fails: a skipped compatibility test would hide the check."""
+    try:
+        python = mlflow2_python()
+    except MlflowVersionMissing as e:
+        pytest.fail(str(e), pytrace=False)
+    server = MlflowServer(tmp_path_factory.mktemp(name), python=python).start()
+    try:
+        yield server, python
+    finally:
+        server.stop()
 
 
 @contextmanager

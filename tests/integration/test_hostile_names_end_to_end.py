@@ -23,12 +23,12 @@ from mlflow.exceptions import MlflowException
 from connector.contract import codec
 from connector.contract.events import ChangeEvent, experiment_key, model_version_key, registered_model_key
 from connector.datahub.mapping import MappingSettings, experiment_urn, model_group_urn, model_urn, run_urn
-from connector.devstack.mlflow_server import MlflowServer, MlflowVersionMissing, mlflow2_python
+from connector.devstack.mlflow_server import MlflowServer
 from connector.kafka.topics import ensure_topics
 from connector.mlflow.incremental import read_model
 from connector.mlflow.reader import MlflowReader, ReaderSettings, reader_settings
 from connector.pipeline.producer import ChangeProducer
-from tests.conftest import ConfigFactory, Kafka, read_to_end
+from tests.conftest import ConfigFactory, Kafka, mlflow2_server, read_to_end
 from tests.hostile_names import END_TO_END, urns_in
 from tests.integration.test_deletions import consume_until, mcps
 
@@ -183,12 +183,7 @@ print(run)
 
 def test_mlflow_2_takes_no_name_lists_and_gunicorn_no_long_request_lines(
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    try:
-        python = mlflow2_python()
-    except MlflowVersionMissing as e:
-        pytest.fail(str(e), pytrace=False)
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow2-names"), python=python).start()
-    try:
+    with mlflow2_server(tmp_path_factory, "mlflow2-names") as (server, python):
         names = ["O'Brien", 'say "hi"', "both ' and \"", "trail\\", "a,b(c)", "plain", "plain 2"]
         run = subprocess.run([str(python), "-c", POPULATE_2X, server.uri, *names], capture_output=True, text=True,
                              check=True, timeout=120).stdout.strip()
@@ -208,5 +203,3 @@ def test_mlflow_2_takes_no_name_lists_and_gunicorn_no_long_request_lines(
         with pytest.raises(MlflowException, match="400|Request Line"):
             reader.call("search_model_versions", reader.registry.search_model_versions,
                         filter_string="run_id IN (" + ", ".join(f"'{r}'" for r in fake[:100]) + ")", max_results=10)
-    finally:
-        server.stop()

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from connector.devstack.mlflow_server import MlflowServer, MlflowVersionMissing, mlflow2_python, run_with
+from connector.devstack.mlflow_server import MlflowServer, mlflow2_python, run_with
 from connector.kafka.topics import ensure_topics
 from connector.mlflow.incremental import read_model
 from connector.mlflow.reader import MlflowReader, ReaderSettings, reader_settings
 from connector.pipeline.producer import ChangeProducer
-from tests.conftest import ConfigFactory, Kafka
+from tests.conftest import ConfigFactory, Kafka, mlflow2_server
 from tests.integration.test_incremental import Topic
 from tests.integration.test_parity import EXPECTED_DIFFERENCES, _assert_parity, _check_demo_values, parity
 
@@ -29,16 +29,9 @@ from tests.integration.test_parity import EXPECTED_DIFFERENCES, _assert_parity, 
 @pytest.fixture(scope="module")
 def mlflow2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """An MLflow 2.x server holding the demo content, written by MLflow 2.x's client."""
-    try:
-        python = mlflow2_python()
-    except MlflowVersionMissing as e:  # a skipped compatibility test would hide the check: fail
-        pytest.fail(str(e), pytrace=False)
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow2"), python=python).start()
-    try:
+    with mlflow2_server(tmp_path_factory, "mlflow2") as (server, python):
         run_with(python, "connector.devstack.demo.populate", server.uri)
         yield server
-    finally:
-        server.stop()
 
 
 def _descendants(pid: int) -> list[str]:

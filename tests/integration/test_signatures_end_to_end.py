@@ -19,13 +19,13 @@ from mlflow import MlflowClient
 
 from connector.config import ConnectorConfig
 from connector.datahub.mapping import MappingSettings, feature_urn, model_urn, run_urn
-from connector.devstack.mlflow_server import MlflowServer, MlflowVersionMissing, free_port, mlflow2_python, run_with
+from connector.devstack.mlflow_server import MlflowServer, free_port, run_with
 from connector.kafka.topics import ensure_topics
 from connector.mlflow.reader import MlflowReader, ReaderSettings, reader_settings
 from connector.pipeline import producer as producer_module
 from connector.pipeline.producer import ChangeProducer
 from connector.pipeline.status import read_status
-from tests.conftest import ConfigFactory, run_cli
+from tests.conftest import ConfigFactory, mlflow2_server, run_cli
 from tests.integration.test_crash import Process
 from tests.signature_content import BARE_MODEL, IRIS, MODEL
 
@@ -44,15 +44,8 @@ def mlflow3(own_mlflow: MlflowServer) -> tuple[MlflowServer, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def mlflow2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MlflowServer, dict[str, Any]]]:
-    try:
-        python = mlflow2_python()
-    except MlflowVersionMissing as e:  # a skipped compatibility test would hide the check: fail
-        pytest.fail(str(e), pytrace=False)
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow2-signatures"), python=python).start()
-    try:
+    with mlflow2_server(tmp_path_factory, "mlflow2-signatures") as (server, python):
         yield server, _populate(python, server.uri)
-    finally:
-        server.stop()
 
 
 def _snapshot_and_dump(config: Path, out: Path) -> tuple[list[dict[str, Any]], str]:
